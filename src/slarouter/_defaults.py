@@ -1,0 +1,36 @@
+"""Default configuration of the router: one set of constants for every workload.
+
+These values are part of the algorithm (docs/algorithm.md explains each one). They were chosen
+once for all workloads; do not tune them per dataset.
+"""
+
+FEEDBACK_WINDOW = 1024
+"""A request's feedback closes after this many later requests; its silence then counts as
+"no complaint". Complaints that arrive later are counted in ``stats()["late_complaints"]`` and
+change nothing else."""
+
+DELAY_BINS = 32
+HASH_BITS = 18
+MAX_FEATURES = 1024
+MIN_REPORT_RATE = 0.05
+CONFIDENCE = 0.95
+
+# Tuning constants of the engine (see docs/algorithm.md, "Constants").
+TUNING = {
+    "eps_max": 0.1,
+    "eps_c": 0.5,
+    "z_lcb": 1.0,
+    "z_ucb": 2.0,
+    "prior_weight": 2.0,
+    "payback": 100.0,
+    "payback_min": 50.0,
+    "tilt": 1.0,
+    "lr": 0.05,
+    "l2": 1e-4,
+    "lambda0": 1.0,
+    "beta": 0.0,
+    "delay_prior": 16.0,
+    "unsat_prior": 10.0,
+    "top_mode": 0,
+    "top_cost": 0.02,
+}

@@ -1,0 +1,511 @@
+"""The public Router: validation, defaults and persistence around the native core."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import struct
+import tempfile
+import zlib
+from statistics import NormalDist
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core, _defaults
+from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
+
+__all__ = ["Model", "Decision", "Router"]
+
+_MAGIC = b"SLAROUTR"
+_FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sII")  # magic, format version, config length
+_TRAILER = struct.Struct("<QI")  # payload length, crc32 of everything before it
+
+
+class Model(NamedTuple):
+    """One model of the zoo: its name, its cost per request, and an optional prior accuracy."""
+
+    name: str
+    cost: float
+    prior: Optional[float] = None
+
+
+class Decision(NamedTuple):
+    """The router's answer for one request."""
+
+    request_id: int
+    model: str
+    index: int
+
+
+ModelSpec = Union[Model, Mapping[str, Any], Sequence[Any]]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _finite_number(value: Any, what: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be finite, got {v}")
+    return v
+
+
+def _parse_model(spec: ModelSpec, i: int) -> Model:
+    if isinstance(spec, Model):
+        name, cost, prior = spec
+    elif isinstance(spec, Mapping):
+        unknown = set(spec) - {"name", "cost", "prior"}
+        if unknown:
+            raise ValueError(f"models[{i}] has unknown keys {sorted(unknown)}; expected name, cost, prior")
+        if "name" not in spec or "cost" not in spec:
+            raise ValueError(f"models[{i}] needs a 'name' and a 'cost'")
+        name, cost, prior = spec["name"], spec["cost"], spec.get("prior")
+    elif isinstance(spec, Sequence) and not isinstance(spec, str) and 2 <= len(spec) <= 3:
+        name, cost = spec[0], spec[1]
+        prior = spec[2] if len(spec) == 3 else None
+    else:
+        raise TypeError(f"models[{i}] must be a Model, a mapping or a (name, cost[, prior]) tuple, got {spec!r}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"models[{i}] name must be a non-empty string, got {name!r}")
+    cost = _finite_number(cost, f"cost of model {name!r}")
+    if cost < 0:
+        raise ValueError(f"cost of model {name!r} must be >= 0, got {cost}")
+    if prior is not None:
+        prior = _finite_number(prior, f"prior of model {name!r}")
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"prior of model {name!r} must be in (0, 1), got {prior}")
+    return Model(name, cost, prior)
+
+
+class Router:
+    """Routes each request to the cheapest model that keeps the SLA, learning from complaints.
+
+    Parameters
+    ----------
+    models:
+        The zoo: each a :class:`Model`, a mapping ``{"name", "cost", "prior"?}`` or a tuple
+        ``(name, cost[, prior])``. ``cost`` is the cost of one request (list price, expected
+        tokens times price, energy...); ``prior`` an optional prior accuracy in (0, 1).
+    sla:
+        The SLA target ``alpha`` in (0, 1): at least this fraction of requests must satisfy.
+    report_rate:
+        Probability ``rho`` in (0, 1] that an unsatisfied user complains. ``None``: unknown, the
+        router estimates it from :meth:`audit` labels (until then it assumes ``min_report_rate``).
+    confidence:
+        How sure the router must be that the SLA holds, in (0, 1). 0.5 aims at ``sla`` on average.
+    features:
+        ``"text"`` to route prompt strings (hashed word uni- and bigrams), or an int ``d`` to route
+        dense float embeddings of dimension ``d``.
+    seed:
+        Seed of the router's own random choices; the same seed and inputs give the same decisions.
+    feedback_window:
+        A request's feedback closes after this many later requests.
+    false_complaint_rate:
+        Probability that a satisfied user complains anyway.
+    min_report_rate:
+        Lower bound on the report rate while it is being estimated from audits.
+    hash_bits:
+        Hashed text features use ``2**hash_bits`` buckets.
+    tuning:
+        Advanced: overrides of the engine constants (see docs/algorithm.md). The defaults are
+        meant for every workload.
+    """
+
+    def __init__(
+        self,
+        models: Iterable[ModelSpec],
+        sla: float,
+        *,
+        report_rate: Optional[float] = None,
+        confidence: float = _defaults.CONFIDENCE,
+        features: Union[str, int] = "text",
+        seed: int = 0,
+        feedback_window: int = _defaults.FEEDBACK_WINDOW,
+        false_complaint_rate: float = 0.0,
+        min_report_rate: float = _defaults.MIN_REPORT_RATE,
+        hash_bits: int = _defaults.HASH_BITS,
+        tuning: Optional[Mapping[str, float]] = None,
+    ) -> None:
+        if isinstance(models, (str, bytes)) or not isinstance(models, Iterable):
+            raise TypeError("models must be a sequence of models")
+        parsed = [_parse_model(m, i) for i, m in enumerate(models)]
+        if not parsed:
+            raise ValueError("models must name at least one model")
+        names = [m.name for m in parsed]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate model names: {dup}")
+        sla = _finite_number(sla, "sla")
+        if not 0.0 < sla < 1.0:
+            raise ValueError(f"sla must be in (0, 1), got {sla}")
+        if report_rate is not None:
+            report_rate = _finite_number(report_rate, "report_rate")
+            if not 0.0 < report_rate <= 1.0:
+                raise ValueError(f"report_rate must be in (0, 1] or None, got {report_rate}")
+        confidence = _finite_number(confidence, "confidence")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        if isinstance(features, str):
+            if features != "text":
+                raise ValueError(f"features must be 'text' or a positive int dimension, got {features!r}")
+            dim = 0
+        elif _is_int(features) and features >= 1:
+            dim = int(features)
+        else:
+            raise ValueError(f"features must be 'text' or a positive int dimension, got {features!r}")
+        if not _is_int(seed) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if not _is_int(feedback_window) or feedback_window < 1:
+            raise ValueError(f"feedback_window must be a positive int, got {feedback_window!r}")
+        false_complaint_rate = _finite_number(false_complaint_rate, "false_complaint_rate")
+        if not 0.0 <= false_complaint_rate < 1.0:
+            raise ValueError(f"false_complaint_rate must be in [0, 1), got {false_complaint_rate}")
+        min_report_rate = _finite_number(min_report_rate, "min_report_rate")
+        if not 0.0 < min_report_rate <= 1.0:
+            raise ValueError(f"min_report_rate must be in (0, 1], got {min_report_rate}")
+        if report_rate is not None and false_complaint_rate >= report_rate:
+            raise ValueError("false_complaint_rate must be below report_rate")
+        if not _is_int(hash_bits) or not 1 <= hash_bits <= 30:
+            raise ValueError(f"hash_bits must be an int in [1, 30], got {hash_bits!r}")
+        tun = dict(_defaults.TUNING)
+        for key, value in (tuning or {}).items():
+            if key not in tun:
+                raise ValueError(f"unknown tuning constant {key!r}; known: {sorted(tun)}")
+            tun[key] = type(tun[key])(_finite_number(value, f"tuning[{key!r}]"))
+
+        self._models: Tuple[Model, ...] = tuple(parsed)
+        self._names: Tuple[str, ...] = tuple(names)
+        self._index: Dict[str, int] = {n: i for i, n in enumerate(names)}
+        self._config: Dict[str, Any] = {
+            "models": [m._asdict() for m in parsed],
+            "sla": sla,
+            "report_rate": report_rate,
+            "confidence": confidence,
+            "features": "text" if dim == 0 else dim,
+            "seed": int(seed),
+            "feedback_window": int(feedback_window),
+            "false_complaint_rate": false_complaint_rate,
+            "min_report_rate": min_report_rate,
+            "hash_bits": int(hash_bits),
+            "tuning": tun,
+        }
+        self._dim = dim
+        self._z = NormalDist().inv_cdf(confidence)
+        cfg = _core.Config()
+        cfg.n_models = len(parsed)
+        cfg.cost = [m.cost for m in parsed]
+        cfg.prior = [math.nan if m.prior is None else m.prior for m in parsed]
+        cfg.alpha = sla
+        cfg.rho = 0.0 if report_rate is None else report_rate
+        cfg.rho_min = min_report_rate
+        cfg.rho_false = false_complaint_rate
+        cfg.z = self._z
+        cfg.dim = dim
+        cfg.hash_bits = int(hash_bits)
+        cfg.max_features = _defaults.MAX_FEATURES
+        cfg.window = int(feedback_window)
+        cfg.bins = min(_defaults.DELAY_BINS, int(feedback_window))
+        cfg.seed = int(seed)
+        for key, value in tun.items():
+            setattr(cfg, key, value)
+        self._core = _core.Router(cfg)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def models(self) -> Tuple[Model, ...]:
+        """The zoo, in index order."""
+        return self._models
+
+    @property
+    def model_names(self) -> Tuple[str, ...]:
+        return self._names
+
+    @property
+    def sla(self) -> float:
+        return self._config["sla"]
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The configuration as plain data (what :meth:`save` records)."""
+        return json.loads(json.dumps(self._config))
+
+    def __repr__(self) -> str:
+        return (
+            f"Router(models={list(self._names)!r}, sla={self.sla}, report_rate={self._config['report_rate']}, "
+            f"features={self._config['features']!r}, requests={self._core.counters()['requests']})"
+        )
+
+    # ------------------------------------------------------------------ input checks
+    def _features(self, x: Any) -> Any:
+        if self._dim == 0:
+            if not isinstance(x, str):
+                raise TypeError(f"this router hashes prompt text: x must be a str, got {type(x).__name__}")
+            return x
+        if isinstance(x, str):
+            raise TypeError(f"this router takes {self._dim}-dimensional float embeddings, got a str")
+        arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+        if arr.dtype.kind != "f":
+            raise TypeError(f"x must be a floating-point array, got dtype {arr.dtype}")
+        if arr.ndim != 1 or arr.shape[0] != self._dim:
+            raise ValueError(f"x must have shape ({self._dim},), got {arr.shape}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError("x contains NaN or infinite values")
+        return arr
+
+    def _cost(self, cost: Any) -> Optional[np.ndarray]:
+        if cost is None:
+            return None
+        if isinstance(cost, Mapping):
+            unknown = sorted(set(cost) - set(self._index))
+            if unknown:
+                raise KeyError(f"cost names unknown models {unknown}")
+            missing = sorted(set(self._index) - set(cost))
+            if missing:
+                raise ValueError(f"cost must give every model a cost; missing {missing}")
+            cost = [cost[n] for n in self._names]
+        arr = np.asarray(cost)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"cost must be numeric, got dtype {arr.dtype}")
+        if arr.shape != (len(self._names),):
+            raise ValueError(f"cost must have one entry per model, shape ({len(self._names)},), got {arr.shape}")
+        arr = np.ascontiguousarray(arr, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError("cost contains NaN or infinite values")
+        if (arr < 0).any():
+            raise ValueError("cost must be >= 0")
+        return arr
+
+    @staticmethod
+    def _request_id(request_id: Any) -> int:
+        if not _is_int(request_id):
+            raise TypeError(f"request_id must be an int, got {type(request_id).__name__}")
+        return int(request_id)
+
+    def _status(self, status: int, request_id: int, what: str) -> bool:
+        if status == _core.APPLIED:
+            return True
+        if status == _core.CLOSED:
+            return False
+        if status == _core.UNKNOWN:
+            raise UnknownRequestError(f"unknown request id {request_id}: this router never issued it")
+        raise DuplicateFeedbackError(f"request {request_id} already has a {what}")
+
+    # ------------------------------------------------------------------ routing
+    def route(self, x: Any, *, cost: Any = None) -> Decision:
+        """Pick the model for one request.
+
+        ``x`` is the prompt string (``features="text"``) or a 1-D float array of the configured
+        dimension. ``cost`` optionally estimates this request's cost on every model (a sequence in
+        model order, or a mapping name -> cost).
+        """
+        feats = self._features(x)
+        c = self._cost(cost)
+        if self._dim == 0:
+            rid, k = self._core.route_text(feats, c)
+        else:
+            rid, k = self._core.route_dense(feats, c)
+        return Decision(rid, self._names[k], k)
+
+    # ------------------------------------------------------------------ feedback
+    def complain(self, request_id: int) -> bool:
+        """Record a thumbs-down for a served request, possibly late.
+
+        Returns True when applied, False when the request's feedback window had already closed
+        (the complaint is counted in ``stats()["late_complaints"]`` and changes nothing else).
+        Raises :class:`UnknownRequestError` for an id never issued and
+        :class:`DuplicateFeedbackError` for a second complaint about the same request; neither
+        changes the router.
+        """
+        rid = self._request_id(request_id)
+        return self._status(self._core.complain(rid), rid, "complaint")
+
+    def audit(self, request_id: int, satisfied: bool) -> bool:
+        """Record a true label (e.g. from a human or LLM judge) for a served request.
+
+        Returns True when applied, False when the request's window had already closed.
+        """
+        rid = self._request_id(request_id)
+        if not isinstance(satisfied, (bool, np.bool_)):
+            if _is_int(satisfied) and satisfied in (0, 1):
+                satisfied = bool(satisfied)
+            else:
+                raise TypeError(f"satisfied must be a bool, got {satisfied!r}")
+        return self._status(self._core.audit(rid, bool(satisfied)), rid, "audit")
+
+    def observe_cost(self, request_id: int, cost: float) -> bool:
+        """Report what serving a request really cost; the router keeps per-model running means.
+
+        Returns True when applied, False when the request's window had already closed.
+        """
+        rid = self._request_id(request_id)
+        c = _finite_number(cost, "cost")
+        if c < 0:
+            raise ValueError(f"cost must be >= 0, got {c}")
+        return self._status(self._core.observe_cost(rid, c), rid, "cost")
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> Dict[str, Any]:
+        """Counters and estimates: traffic, complaints, queue, margin, satisfaction, per model."""
+        c = self._core.counters()
+        e = self._core.estimates()
+        n = c["requests"]
+        zc = NormalDist().inv_cdf(0.5 + self._config["confidence"] / 2)
+        if n > 0:
+            sat = 1.0 - e["unsatisfied"] / n
+            half = zc * math.sqrt(max(e["variance"], 0.0)) / n
+        else:
+            sat, half = float("nan"), float("nan")
+        models = {}
+        for k, name in enumerate(self._names):
+            served = c["served"][k]
+            models[name] = {
+                "requests": served,
+                "share": served / n if n else 0.0,
+                "complaints": c["complaints_per_model"][k],
+                "audits": c["audits_per_model"][k],
+                "mean_cost": e["cost_mean"][k],
+                "accuracy": e["accuracy"][k],
+                "accuracy_low": e["accuracy_lcb"][k],
+                "accuracy_high": min(1.0, e["accuracy_ucb"][k]),
+            }
+        return {
+            "requests": n,
+            "complaints": c["complaints"],
+            "late_complaints": c["late_complaints"],
+            "audits": c["audits"],
+            "explored": c["explored"],
+            "report_rate": e["rho"],
+            "audited_unsatisfied": c["audited_unsatisfied"],
+            "audited_unsatisfied_complained": c["audited_unsatisfied_complained"],
+            "queue": max(0.0, e["deficit"]),
+            "deficit": e["deficit"],
+            "margin": e["margin"] if n else float("nan"),
+            "target": e["target"],
+            "satisfaction": sat,
+            "satisfaction_low": max(0.0, sat - half) if n else float("nan"),
+            "satisfaction_high": min(1.0, sat + half) if n else float("nan"),
+            "confidence": self._config["confidence"],
+            "models": models,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def _config_bytes(self) -> bytes:
+        return json.dumps(self._config, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    def to_bytes(self) -> bytes:
+        """The router (configuration and state) in the versioned state-file format."""
+        cfg = self._config_bytes()
+        payload = self._core.save_state()
+        head = _HEADER.pack(_MAGIC, _FORMAT_VERSION, len(cfg)) + cfg + payload
+        return head + _TRAILER.pack(len(payload), zlib.crc32(head) & 0xFFFFFFFF)
+
+    @staticmethod
+    def _parse_bytes(data: bytes, source: str) -> Tuple[Dict[str, Any], bytes]:
+        if len(data) < _HEADER.size + _TRAILER.size:
+            raise StateFileError(f"{source}: truncated state file ({len(data)} bytes)")
+        magic, version, clen = _HEADER.unpack_from(data, 0)
+        if magic != _MAGIC:
+            raise StateFileError(f"{source}: not a slarouter state file (bad magic {magic!r})")
+        if version != _FORMAT_VERSION:
+            raise StateFileError(f"{source}: state file format version {version} is not supported "
+                                 f"(this slarouter reads version {_FORMAT_VERSION})")
+        plen, crc = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
+        if _HEADER.size + clen + plen + _TRAILER.size != len(data):
+            raise StateFileError(f"{source}: truncated or corrupt state file (sizes do not add up)")
+        if zlib.crc32(data[: len(data) - _TRAILER.size]) & 0xFFFFFFFF != crc:
+            raise StateFileError(f"{source}: corrupt state file (checksum mismatch)")
+        try:
+            config = json.loads(data[_HEADER.size : _HEADER.size + clen].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StateFileError(f"{source}: corrupt configuration record: {exc}") from None
+        return config, data[_HEADER.size + clen : len(data) - _TRAILER.size]
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "state") -> "Router":
+        config, payload = cls._parse_bytes(data, source)
+        try:
+            router = cls(**config)
+        except (TypeError, ValueError) as exc:
+            raise StateFileError(f"{source}: invalid configuration record: {exc}") from None
+        router._load_payload(payload, source)
+        return router
+
+    def _load_payload(self, payload: bytes, source: str) -> None:
+        try:
+            self._core.load_state(payload)
+        except ValueError as exc:
+            raise StateFileError(f"{source}: {exc}") from None
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the router to ``path`` atomically (a temporary file, then a rename)."""
+        data = self.to_bytes()
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".slarouter-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Router":
+        """Read a router written by :meth:`save`; it makes exactly the decisions the original would."""
+        with open(path, "rb") as fh:
+            data = fh.read()
+        return cls.from_bytes(data, source=os.fspath(path))
+
+    def load_state(self, path: Union[str, os.PathLike]) -> None:
+        """Replace this router's state with the one saved at ``path``.
+
+        The file must come from a router with the same configuration; otherwise
+        :class:`StateFileError` names the first difference and this router is unchanged.
+        """
+        with open(path, "rb") as fh:
+            data = fh.read()
+        source = os.fspath(path)
+        config, payload = self._parse_bytes(data, source)
+        if config != self.config:
+            keys = sorted(set(config) | set(self._config))
+            diff = next(k for k in keys if config.get(k) != self._config.get(k))
+            raise StateFileError(f"{source}: state file is from another configuration "
+                                 f"({diff}: {config.get(diff)!r} in the file, {self._config.get(diff)!r} here)")
+        self._load_payload(payload, source)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"bytes": self.to_bytes()}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        other = type(self).from_bytes(state["bytes"], source="pickle")
+        self.__dict__.update(other.__dict__)
+
+    # ------------------------------------------------------------------ replay support
+    def _replay(self, rows, sat, cost, u_sat, u_report, delay, report_rate, *, u_audit=None, audit_rate=0.0,
+                features=None, pass_cost=False):
+        """Run a recorded stream through this router in native code (see slarouter.replay)."""
+        dense = indptr = indices = values = None
+        if self._dim:
+            dense = np.ascontiguousarray(features, dtype=np.float32)
+        elif features is not None:
+            indptr, indices, values = features
+        return self._core.replay(
+            np.ascontiguousarray(rows, np.int32), np.ascontiguousarray(sat, np.float32),
+            np.ascontiguousarray(cost, np.float64), np.ascontiguousarray(u_sat, np.float64),
+            np.ascontiguousarray(u_report, np.float64), np.ascontiguousarray(delay, np.int32), float(report_rate),
+            None if u_audit is None else np.ascontiguousarray(u_audit, np.float64), float(audit_rate), bool(pass_cost),
+            dense, indptr, indices, values)

@@ -1,0 +1,256 @@
+"""The public API: construction, routing, feedback, stats, and clear errors on bad input."""
+
+import math
+
+import numpy as np
+import pytest
+
+import slarouter
+from slarouter import DuplicateFeedbackError, Model, Router, UnknownRequestError
+
+MODELS = [("small", 1.0), ("medium", 4.0), ("large", 20.0, 0.9)]
+
+
+def text_router(**kw):
+    kw.setdefault("report_rate", 0.5)
+    return Router(MODELS, 0.8, **kw)
+
+
+def dense_router(d=8, **kw):
+    kw.setdefault("report_rate", 0.5)
+    return Router(MODELS, 0.8, features=d, **kw)
+
+
+def test_public_names():
+    assert set(slarouter.__all__) >= {"Router", "Model", "Decision", "UnknownRequestError"}
+    for name in slarouter.__all__:
+        assert hasattr(slarouter, name)
+
+
+def test_model_specs_are_equivalent():
+    a = Router([Model("x", 1.0), Model("y", 2.0, 0.7)], 0.8)
+    b = Router([{"name": "x", "cost": 1.0}, {"name": "y", "cost": 2, "prior": 0.7}], 0.8)
+    c = Router([("x", 1.0), ("y", 2.0, 0.7)], 0.8)
+    assert a.models == b.models == c.models
+    assert a.model_names == ("x", "y")
+
+
+def test_route_text_returns_decision():
+    r = text_router()
+    d = r.route("What is the capital of France?")
+    assert isinstance(d, slarouter.Decision)
+    assert d.request_id == 0 and d.model == MODELS[d.index][0]
+    assert r.route("another").request_id == 1
+
+
+def test_route_dense_accepts_float_arrays():
+    r = dense_router(4)
+    assert r.route(np.ones(4, np.float32)).request_id == 0
+    assert r.route(np.ones(4, np.float64)).request_id == 1  # converted once to float32
+    assert r.route([0.1, 0.2, 0.3, 0.4]).request_id == 2
+
+
+def test_same_seed_same_decisions():
+    prompts = [f"question number {i} about topic {i % 7}" for i in range(300)]
+
+    def run(seed):
+        r = text_router(seed=seed)
+        out = []
+        for i, p in enumerate(prompts):
+            d = r.route(p)
+            out.append(d.index)
+            if i % 3 == 0:
+                r.complain(d.request_id)
+        return out
+
+    assert run(1) == run(1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        ({"sla": 0.0}, ValueError, "sla must be in"),
+        ({"sla": 1.0}, ValueError, "sla must be in"),
+        ({"sla": float("nan")}, ValueError, "sla must be finite"),
+        ({"sla": "0.8"}, TypeError, "sla must be a real number"),
+        ({"report_rate": 0.0}, ValueError, "report_rate must be in"),
+        ({"report_rate": 1.5}, ValueError, "report_rate must be in"),
+        ({"confidence": 1.0}, ValueError, "confidence must be in"),
+        ({"features": "images"}, ValueError, "features must be"),
+        ({"features": 0}, ValueError, "features must be"),
+        ({"seed": -1}, ValueError, "seed must be"),
+        ({"feedback_window": 0}, ValueError, "feedback_window"),
+        ({"hash_bits": 40}, ValueError, "hash_bits"),
+        ({"tuning": {"nope": 1}}, ValueError, "unknown tuning constant"),
+        ({"models": []}, ValueError, "at least one model"),
+        ({"models": [("a", 1.0), ("a", 2.0)]}, ValueError, "duplicate model names"),
+        ({"models": [("a", -1.0)]}, ValueError, "must be >= 0"),
+        ({"models": [("a", float("inf"))]}, ValueError, "must be finite"),
+        ({"models": [("a", 1.0, 1.5)]}, ValueError, "prior of model 'a'"),
+        ({"models": [("", 1.0)]}, TypeError, "non-empty string"),
+        ({"models": [{"name": "a"}]}, ValueError, "needs a 'name' and a 'cost'"),
+        ({"models": [{"name": "a", "cost": 1, "price": 2}]}, ValueError, "unknown keys"),
+        ({"models": "abc"}, TypeError, "sequence of models"),
+    ],
+)
+def test_bad_configuration(kwargs, exc, msg):
+    args = {"models": MODELS, "sla": 0.8}
+    args.update(kwargs)
+    models, sla = args.pop("models"), args.pop("sla")
+    with pytest.raises(exc, match=msg):
+        Router(models, sla, **args)
+
+
+def snapshot(r):
+    return r.to_bytes()
+
+
+@pytest.mark.parametrize(
+    "x, exc, msg",
+    [
+        (np.ones(5, np.float32), ValueError, r"shape \(8,\)"),
+        (np.ones((2, 8), np.float32), ValueError, r"shape \(8,\)"),
+        (np.ones(8, np.int64), TypeError, "floating-point"),
+        (np.array(["a"] * 8), TypeError, "floating-point"),
+        (np.full(8, np.nan, np.float32), ValueError, "NaN or infinite"),
+        (np.full(8, np.inf), ValueError, "NaN or infinite"),
+        ("a prompt", TypeError, "got a str"),
+    ],
+)
+def test_bad_dense_features_change_nothing(x, exc, msg):
+    r = dense_router(8)
+    r.route(np.zeros(8, np.float32))
+    before = snapshot(r)
+    with pytest.raises(exc, match=msg):
+        r.route(x)
+    assert snapshot(r) == before
+
+
+def test_bad_text_features_change_nothing():
+    r = text_router()
+    before = snapshot(r)
+    with pytest.raises(TypeError, match="must be a str"):
+        r.route(np.zeros(3, np.float32))
+    assert snapshot(r) == before
+
+
+@pytest.mark.parametrize(
+    "cost, exc, msg",
+    [
+        ([1.0, 2.0], ValueError, "one entry per model"),
+        ([1.0, -2.0, 3.0], ValueError, ">= 0"),
+        ([1.0, float("nan"), 3.0], ValueError, "NaN"),
+        (["a", "b", "c"], TypeError, "numeric"),
+        ({"small": 1.0, "medium": 2.0, "huge": 3.0}, KeyError, "unknown models"),
+        ({"small": 1.0}, ValueError, "missing"),
+    ],
+)
+def test_bad_cost_estimate_changes_nothing(cost, exc, msg):
+    r = text_router()
+    before = snapshot(r)
+    with pytest.raises(exc, match=msg):
+        r.route("prompt", cost=cost)
+    assert snapshot(r) == before
+
+
+def test_cost_estimate_by_name_or_order():
+    r = text_router()
+    r.route("p", cost=[1.0, 2.0, 3.0])
+    r.route("p", cost={"small": 1.0, "medium": 2.0, "large": 3.0})
+    assert r.stats()["requests"] == 2
+
+
+def test_complaint_statuses():
+    r = text_router(feedback_window=4)
+    ids = [r.route(f"p{i}").request_id for i in range(3)]
+    assert r.complain(ids[0]) is True
+    before = snapshot(r)
+    with pytest.raises(DuplicateFeedbackError, match="already has a complaint"):
+        r.complain(ids[0])
+    with pytest.raises(UnknownRequestError, match="unknown request id 99"):
+        r.complain(99)
+    with pytest.raises(UnknownRequestError):
+        r.complain(-1)
+    with pytest.raises(TypeError, match="request_id must be an int"):
+        r.complain("0")
+    with pytest.raises(TypeError):
+        r.complain(1.0)
+    assert snapshot(r) == before
+    for i in range(5):
+        r.route(f"q{i}")
+    # ids[1] left its window of 4 later requests: the complaint is late and changes nothing else.
+    s0 = r.stats()
+    assert r.complain(ids[1]) is False
+    s1 = r.stats()
+    assert s1["late_complaints"] == s0["late_complaints"] + 1
+    assert s1["complaints"] == s0["complaints"]
+
+
+def test_audit_and_cost_feedback():
+    r = text_router()
+    d = r.route("p")
+    assert r.audit(d.request_id, False) is True
+    with pytest.raises(DuplicateFeedbackError, match="audit"):
+        r.audit(d.request_id, True)
+    with pytest.raises(TypeError, match="satisfied must be a bool"):
+        r.audit(d.request_id, "yes")
+    assert r.observe_cost(d.request_id, 3.5) is True
+    with pytest.raises(DuplicateFeedbackError, match="cost"):
+        r.observe_cost(d.request_id, 3.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        r.observe_cost(d.request_id, -1.0)
+    with pytest.raises(ValueError, match="finite"):
+        r.observe_cost(d.request_id, float("nan"))
+    with pytest.raises(UnknownRequestError):
+        r.audit(12345, True)
+    s = r.stats()
+    assert s["audits"] == 1
+    assert s["models"][d.model]["audits"] == 1
+
+
+def test_observed_costs_move_the_running_mean():
+    r = Router([("a", 1.0), ("b", 10.0)], 0.5, report_rate=1.0)
+    for _ in range(50):
+        d = r.route("p")
+        r.observe_cost(d.request_id, 3.0 if d.model == "a" else 10.0)
+    a = r.stats()["models"]["a"]
+    if a["requests"] > 5:
+        assert 2.5 < a["mean_cost"] < 3.0
+
+
+def test_stats_shape():
+    r = text_router()
+    s = r.stats()
+    assert s["requests"] == 0 and math.isnan(s["satisfaction"])
+    for i in range(100):
+        d = r.route(f"prompt {i}")
+        if i % 4 == 0:
+            r.complain(d.request_id)
+    s = r.stats()
+    assert s["requests"] == 100 and s["complaints"] == 25
+    assert s["queue"] >= 0.0
+    assert 0.0 <= s["satisfaction_low"] <= s["satisfaction"] <= s["satisfaction_high"] <= 1.0
+    assert s["margin"] >= 0.0
+    assert set(s["models"]) == {"small", "medium", "large"}
+    assert sum(m["requests"] for m in s["models"].values()) == 100
+    assert math.isclose(sum(m["share"] for m in s["models"].values()), 1.0)
+    for m in s["models"].values():
+        assert 0.0 <= m["accuracy_low"] <= m["accuracy"] <= m["accuracy_high"] <= 1.0
+
+
+def test_unknown_report_rate_uses_audits():
+    r = Router(MODELS, 0.8)  # report rate withheld
+    assert r.stats()["report_rate"] == pytest.approx(0.05)
+    rng = np.random.default_rng(0)
+    for i in range(6000):
+        d = r.route(f"p{i}")
+        unsat = rng.random() < 0.3
+        if unsat and rng.random() < 0.5:
+            r.complain(d.request_id)
+        if rng.random() < 0.5:
+            r.audit(d.request_id, not unsat)
+    s = r.stats()
+    n, c = s["audited_unsatisfied"], s["audited_unsatisfied_complained"]
+    assert n > 300
+    # A lower confidence bound: below the point estimate, but not by much with this many labels.
+    assert c / n - 0.1 < s["report_rate"] < c / n

@@ -1,0 +1,41 @@
+"""Many threads routing and complaining at once lose and double-count nothing."""
+
+import threading
+
+import numpy as np
+
+from slarouter import Router
+
+THREADS = 8
+CYCLES = 100_000
+
+
+def test_eight_threads_route_and_complain():
+    r = Router([("a", 1.0), ("b", 3.0), ("c", 9.0)], 0.8, report_rate=0.5, features=16)
+    x = np.linspace(-1, 1, 16, dtype=np.float32)
+    sent = [0] * THREADS
+    errors = []
+
+    def worker(w):
+        try:
+            n = 0
+            for i in range(CYCLES):
+                d = r.route(x)
+                if (i + w) % 3 == 0:
+                    r.complain(d.request_id)
+                    n += 1
+            sent[w] = n
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    s = r.stats()
+    assert s["requests"] == THREADS * CYCLES
+    assert s["complaints"] == sum(sent)
+    assert sum(m["requests"] for m in s["models"].values()) == THREADS * CYCLES
+    assert sum(m["complaints"] for m in s["models"].values()) == sum(sent)

@@ -1,0 +1,126 @@
+"""save/load and pickling: versioned, atomic, and a loaded router decides exactly as the original."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from slarouter import Router, StateFileError
+
+MODELS = [("small", 1.0), ("medium", 4.0), ("large", 20.0)]
+
+
+def drive(r, n, start=0, seed=0, dense=False):
+    rng = np.random.default_rng(seed + start)
+    out = []
+    pending = []
+    for i in range(start, start + n):
+        x = rng.standard_normal(r.config["features"]).astype(np.float32) if dense else f"prompt {i % 37} words {i % 11}"
+        d = r.route(x)
+        out.append((d.request_id, d.index))
+        pending.append(d.request_id)
+        if rng.random() < 0.3:
+            r.complain(pending.pop(int(rng.integers(len(pending)))))
+        if rng.random() < 0.05:
+            r.audit(d.request_id, bool(rng.random() < 0.7))
+        r.observe_cost(d.request_id, float(1 + d.index))
+    return out
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_save_load_continues_identically(tmp_path, dense):
+    kw = {"features": 6} if dense else {}
+    a = Router(MODELS, 0.7, report_rate=0.5, feedback_window=64, seed=3, **kw)
+    drive(a, 300, dense=dense)
+    path = tmp_path / "router.slr"
+    a.save(path)
+    b = Router.load(path)
+    assert b.config == a.config
+    assert drive(a, 400, start=300, dense=dense) == drive(b, 400, start=300, dense=dense)
+    assert a.stats() == b.stats()
+
+
+def test_pickle_round_trip():
+    a = Router(MODELS, 0.7, report_rate=0.3)
+    drive(a, 200)
+    b = pickle.loads(pickle.dumps(a))
+    assert drive(a, 200, start=200) == drive(b, 200, start=200)
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path):
+    a = Router(MODELS, 0.7)
+    path = tmp_path / "r.slr"
+    a.save(path)
+    a.route("x")
+    a.save(path)  # overwrite in place
+    assert sorted(os.listdir(tmp_path)) == ["r.slr"]
+    assert Router.load(path).stats()["requests"] == 1
+
+
+def test_load_state_into_same_configuration(tmp_path):
+    a = Router(MODELS, 0.7, report_rate=0.3)
+    drive(a, 100)
+    a.save(tmp_path / "a.slr")
+    b = Router(MODELS, 0.7, report_rate=0.3)
+    b.load_state(tmp_path / "a.slr")
+    assert drive(a, 100, start=100) == drive(b, 100, start=100)
+
+
+def test_state_from_another_configuration_is_refused(tmp_path):
+    a = Router(MODELS, 0.7, report_rate=0.3)
+    a.save(tmp_path / "a.slr")
+    b = Router(MODELS, 0.9, report_rate=0.3)
+    b.route("x")
+    before = b.to_bytes()
+    with pytest.raises(StateFileError, match="another configuration.*sla"):
+        b.load_state(tmp_path / "a.slr")
+    assert b.to_bytes() == before
+
+
+def corrupt_variants(data):
+    yield "truncated", data[: len(data) // 2]
+    yield "empty", b""
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    yield "flipped", bytes(flipped)
+    yield "magic", b"NOTSLAR!" + data[8:]
+    version = bytearray(data)
+    version[8] = 99
+    yield "version", bytes(version)
+    yield "appended", data + b"\x00"
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "flipped", "magic", "version", "appended"])
+def test_corrupt_state_files_are_refused(tmp_path, kind):
+    a = Router(MODELS, 0.7, report_rate=0.3)
+    drive(a, 50)
+    data = dict(corrupt_variants(a.to_bytes()))[kind]
+    path = tmp_path / "bad.slr"
+    path.write_bytes(data)
+    with pytest.raises(StateFileError):
+        Router.load(path)
+    b = Router(MODELS, 0.7, report_rate=0.3)
+    before = b.to_bytes()
+    with pytest.raises(StateFileError):
+        b.load_state(path)
+    assert b.to_bytes() == before
+
+
+def test_consistent_checksum_but_bad_payload_is_refused():
+    """A payload that passes the checksum but does not fit the configuration is still refused."""
+    import struct
+    import zlib
+
+    from slarouter import _router
+
+    a = Router(MODELS, 0.7, report_rate=0.3)
+    data = a.to_bytes()
+    magic, version, clen = _router._HEADER.unpack_from(data, 0)
+    head = data[: _router._HEADER.size + clen]
+    payload = data[len(head) : -_router._TRAILER.size][:-8]  # drop the last 8 bytes
+    body = head + payload
+    forged = body + _router._TRAILER.pack(len(payload), zlib.crc32(body) & 0xFFFFFFFF)
+    with pytest.raises(StateFileError, match="truncated|configuration"):
+        Router.from_bytes(forged)
+    del struct
