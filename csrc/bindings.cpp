@@ -81,8 +81,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("beta", &Config::beta)
         .def_readwrite("delay_prior", &Config::delay_prior)
         .def_readwrite("unsat_prior", &Config::unsat_prior)
-        .def_readwrite("top_mode", &Config::top_mode)
-        .def_readwrite("top_cost", &Config::top_cost);
+        .def_readwrite("top_cost", &Config::top_cost)
+        .def_readwrite("valve", &Config::valve);
 
     m.attr("APPLIED") = static_cast<int>(kApplied);
     m.attr("CLOSED") = static_cast<int>(kClosed);

@@ -54,8 +54,8 @@ struct Config {
     double beta = 0.0;          // optimism bonus on the per-request prediction
     double delay_prior = 16.0;  // pseudo-requests behind each delay-rate bin
     double unsat_prior = 10.0;  // pseudo-requests behind the unsatisfied rate in the margin
-    int top_mode = 0;           // 0: serve argmax UCB when no mix certifies; 1: optimistic LP
-    double top_cost = 0.0;      // accuracy a unit of normalised cost is worth when no mix certifies
+    double top_cost = 0.02;     // accuracy a unit of normalised cost is worth when no mix certifies
+    double valve = 1.0;         // safety valve: deficit above valve * (margin * requests + 1/rho)
 
     std::int64_t bin_width() const { return window / bins; }
     bool hashed() const { return dim == 0; }
@@ -83,7 +83,7 @@ struct Decision {
 struct Estimates {
     double rho = 1.0;
     std::vector<double> acc, sd, lcb, ucb, cnorm, cmean, exposure;
-    std::vector<int> hull;  // efficient frontier on (cnorm, lcb), cheapest first
+    std::vector<int> hull;  // optimistic frontier on (cnorm, ucb), cheapest first
     double unsat = 0.0, var = 0.0, margin = 0.0, tau = 0.0, deficit = 0.0, tau_eff = 0.0;
     std::int64_t n = 0;
 };
@@ -96,6 +96,8 @@ struct FeatureView {
     int nnz = 0;
 };
 
+constexpr int kMaxModels = 256;
+
 inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 inline double logit(double p) {
     p = std::min(std::max(p, 1e-6), 1.0 - 1e-6);
@@ -106,7 +108,7 @@ class Router {
 public:
     explicit Router(const Config& cfg) : cfg_(cfg) {
         const int K = cfg_.n_models;
-        if (K < 1) throw std::invalid_argument("at least one model is required");
+        if (K < 1 || K > kMaxModels) throw std::invalid_argument("between 1 and 256 models are supported");
         if (static_cast<int>(cfg_.cost.size()) != K || static_cast<int>(cfg_.prior.size()) != K)
             throw std::invalid_argument("cost and prior must have one entry per model");
         if (cfg_.bins < 1 || cfg_.window < cfg_.bins || cfg_.window % cfg_.bins != 0)
@@ -624,8 +626,8 @@ private:
         e.deficit = e.unsat - (1.0 - e.tau) * N;
         const double H = std::max(cfg_.payback_min, std::min(N, cfg_.payback / rho));
         e.tau_eff = e.tau + e.deficit / H;
-        // Efficient frontier on (normalised cost, cautious accuracy).
-        e.hull = frontier(e.cnorm, e.lcb);
+        // Optimistic frontier: which models could be worth mixing.
+        e.hull = frontier(e.cnorm, e.ucb);
     }
 
     // Upper concave frontier of accuracy against cost, cheapest first: each model on it is
@@ -653,86 +655,79 @@ private:
         return hull;
     }
 
-    // Index of the model with the largest optimistic accuracy (ties: cheaper, then lower index).
-    int argmax_ucb(const Estimates& e) const {
+    // The model to serve when no mix can reach the target: the largest optimistic accuracy,
+    // a unit of normalised cost being worth top_cost of accuracy (ties: cheaper, lower index).
+    int most_accurate(const Estimates& e) const {
         int best = 0;
         double bs = e.ucb[0] - cfg_.top_cost * e.cnorm[0];
         for (int k = 1; k < static_cast<int>(e.ucb.size()); ++k) {
             const double sc = e.ucb[k] - cfg_.top_cost * e.cnorm[k];
-            if (sc > bs || (sc == bs && e.cnorm[k] < e.cnorm[best])) { best = k; bs = sc; }
+            if (sc > bs || (sc == bs && e.cnorm[k] < e.cnorm[best])) {
+                best = k;
+                bs = sc;
+            }
         }
         return best;
     }
 
+    // The per-request decision, given the estimates of the dual state and two uniform draws.
+    // Steps (docs/algorithm.md, "Decision"):
+    //  1. Safety valve, or a target no model could reach even optimistically: serve the model
+    //     most likely to be the most accurate; with probability eps try one that could be better.
+    //  2. Otherwise the optimistic frontier picks the cheapest pair (i, j) that could reach the
+    //     target; cautious (lower-bound) accuracies set the weight of j.
+    //  3. Per-request evidence (the predictor, a per-request cost estimate) tilts that weight.
     int decide_locked(const Estimates& e, const FeatureView& f, const double* cost, double u1, double u2,
-                      bool* explored) {
+                      bool* explored) const {
         const int K = cfg_.n_models;
-        const std::vector<int>& h = e.hull;
-        const int first = h.front(), top = h.back();
+        const double N = static_cast<double>(e.n);
         const double te = e.tau_eff;
-        int i = first, j = first;
-        double w = 0.0;
-        if (te >= e.lcb[top]) {
-            i = j = argmax_ucb(e);
-            w = 0.0;
-            if (cfg_.top_mode == 1) {
-                // Optimistic mix: the cheapest mix that could certify the target.
-                std::vector<int> uh = frontier(e.cnorm, e.ucb);
-                if (te < e.ucb[uh.back()]) {
-                    if (te <= e.ucb[uh.front()]) {
-                        i = j = uh.front();
-                    } else {
-                        std::size_t s = 1;
-                        while (e.ucb[uh[s]] < te) ++s;
-                        i = uh[s - 1];
-                        j = uh[s];
-                        w = (te - e.ucb[i]) / (e.ucb[j] - e.ucb[i]);
-                        return u2 < w ? j : i;
-                    }
+        const std::vector<int>& h = e.hull;
+        const bool valve = e.deficit > cfg_.valve * (e.margin * N + 1.0 / e.rho);
+        if (valve || te >= e.ucb[h.back()]) {
+            const int best = most_accurate(e);
+            const double eps = std::min(cfg_.eps_max, cfg_.eps_c * std::pow(N + 1.0, -1.0 / 3.0));
+            if (u1 < eps) {
+                int cand[kMaxModels];
+                int nc = 0;
+                for (int k = 0; k < K; ++k)
+                    if (k != best && e.ucb[k] > e.acc[best]) cand[nc++] = k;
+                if (nc > 0) {
+                    *explored = true;
+                    return cand[std::min(nc - 1, static_cast<int>(u2 * nc))];
                 }
             }
-        } else if (te > e.lcb[first]) {
-            std::size_t s = 1;
-            while (e.lcb[h[s]] < te) ++s;
-            i = h[s - 1];
-            j = h[s];
-            w = (te - e.lcb[i]) / (e.lcb[j] - e.lcb[i]);
+            return best;
         }
-        // Exploration floor, only over models that could beat the current choice.
-        const double eps = std::min(cfg_.eps_max, cfg_.eps_c * std::pow(static_cast<double>(t_ + 1), -1.0 / 3.0));
-        if (u1 < eps) {
-            int cand[256];
-            int nc = 0;
-            // Candidates lie above the line of the current two-model segment.  When one
-            // model is served (cheapest enough, or none certifies) the rule above already
-            // picks it optimistically, so there is nothing cheaper worth trying.
-            if (i != j) {
-                const double slope = (e.lcb[j] - e.lcb[i]) / (e.cnorm[j] - e.cnorm[i]);
-                for (int k = 0; k < K && nc < 256; ++k) {
-                    if (k == i || k == j) continue;
-                    if (e.ucb[k] > e.lcb[i] + slope * (e.cnorm[k] - e.cnorm[i])) cand[nc++] = k;
-                }
-            }
-            if (nc > 0) {
-                *explored = true;
-                return cand[std::min(nc - 1, static_cast<int>(u2 * nc))];
-            }
-        }
-        if (i == j) return i;
-        // Per-request evidence tilts the two-model mix (docs/algorithm.md, "Context").
-        double adv = 0.0;
-        if (cfg_.tilt > 0.0) {
-            const double gap = e.lcb[j] - e.lcb[i];
-            const double dj = sigmoid(logit(e.acc[j]) + dot(j, f) + cfg_.beta * (cfg_.beta > 0 ? spread(j, f) : 0.0)) - e.acc[j];
-            const double di = sigmoid(logit(e.acc[i]) + dot(i, f) + cfg_.beta * (cfg_.beta > 0 ? spread(i, f) : 0.0)) - e.acc[i];
-            adv = (dj - di) / gap;
-            if (cost != nullptr) {
-                const double dc = e.cmean[j] - e.cmean[i];
-                if (dc > 0) adv -= ((cost[j] - cost[i]) - dc) / dc;
-            }
-        }
+        if (te <= e.ucb[h.front()]) return h.front();
+        std::size_t s = 1;
+        while (e.ucb[h[s]] < te) ++s;
+        const int i = h[s - 1], j = h[s];
+        double w = 1.0;
+        if (e.lcb[j] > e.lcb[i]) w = std::min(1.0, std::max(0.0, (te - e.lcb[i]) / (e.lcb[j] - e.lcb[i])));
+        if (w <= 0.0) return i;
+        if (w >= 1.0) return j;
+        const double adv = advantage(e, f, cost, i, j);
         const double pj = adv == 0.0 ? w : sigmoid(logit(w) + cfg_.tilt * adv);
         return u2 < pj ? j : i;
+    }
+
+    // How much better than average model j is, relative to model i, for this request: the
+    // predictors' deviations from the models' mean accuracies, in units of the accuracy gap,
+    // minus the per-request cost deviation in units of the mean cost gap.
+    double advantage(const Estimates& e, const FeatureView& f, const double* cost, int i, int j) const {
+        if (cfg_.tilt <= 0.0) return 0.0;
+        const double gap = std::max(e.acc[j] - e.acc[i], 1e-3);
+        const double bj = cfg_.beta > 0.0 ? cfg_.beta * spread(j, f) : 0.0;
+        const double bi = cfg_.beta > 0.0 ? cfg_.beta * spread(i, f) : 0.0;
+        const double dj = sigmoid(logit(e.acc[j]) + dot(j, f) + bj) - e.acc[j];
+        const double di = sigmoid(logit(e.acc[i]) + dot(i, f) + bi) - e.acc[i];
+        double adv = (dj - di) / gap;
+        if (cost != nullptr) {
+            const double dc = e.cmean[j] - e.cmean[i];
+            if (dc > 0) adv -= ((cost[j] - cost[i]) - dc) / dc;
+        }
+        return adv;
     }
 
     Config cfg_;

@@ -9,7 +9,7 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=_seeds, default=list(range(5)), help="seeds, e.g. 0-4 or 0,3")
     r.add_argument("--benchmark", nargs="+", default=None, help="benchmarks to replay (default: all)")
     r.add_argument("--policies", nargs="+", default=None,
-                   help="policies (default: slarouter, random-mix, oracle and always:<model> for every model)")
+                   help="policies (default: all: slarouter, mess+:V=<v> for every V of the grid, mess+ (best V in "
+                        "hindsight), threshold, bandit, random-mix, oracle and always:<model> for every model)")
     r.add_argument("--confidence", type=_unit, default=0.95, help="the router's confidence (default 0.95)")
     r.add_argument("--audit-rate", type=float, default=0.0, dest="audit_rate",
                    help="fraction of requests audited; when > 0 the report rate is withheld from the router")
@@ -84,20 +85,30 @@ def _init_worker(path: str) -> None:
     _FEAT = hashed_features(_DS)
 
 
-def _run_job(job: dict) -> List[dict]:
+def _run_job(job: dict) -> Tuple[List[dict], Optional[dict]]:
+    """Runs of one stream; with job["trace"], also the running satisfaction of every policy on the
+    stream's first (alpha, report rate) cell."""
     from .replay import RunContext, make_stream, run_policy
 
     ds = _DS
     stream = make_stream(ds, job["benchmark"], job["protocol"], job["seed"], job["requests"], job["max_delay"])
     out = []
-    for alpha in job["alphas"]:
-        for rho in job["rates"]:
+    traces = None
+    for i, alpha in enumerate(job["alphas"]):
+        for j, rho in enumerate(job["rates"]):
             ctx = RunContext(ds, stream, alpha, rho, confidence=job["confidence"], audit_rate=job["audit_rate"],
                              withhold_report_rate=job["audit_rate"] > 0, batch=job["batch"], features=_FEAT,
                              list_cost=ds.cost.mean(axis=0))
+            want = bool(job.get("trace")) and i == 0 and j == 0
+            if want:
+                traces = {"benchmark": job["benchmark"], "protocol": job["protocol"], "seed": job["seed"],
+                          "alpha": alpha, "report_rate": rho, "policies": {}}
             for pol in job["policies"]:
-                out.append(run_policy(pol, ctx))
-    return out
+                run = run_policy(pol, ctx, trace=want)
+                if want:
+                    traces["policies"][pol] = run.pop("trace")
+                out.append(run)
+    return out, traces
 
 
 def _progress(done: int, total: int, start: float, quiet: bool) -> None:
@@ -114,7 +125,62 @@ def _progress(done: int, total: int, start: float, quiet: bool) -> None:
     sys.stderr.flush()
 
 
+def default_policies(models: Sequence[str]) -> List[str]:
+    """Every policy: the router, the MESS+ grid and its best V, the other baselines, always-k."""
+    from .baselines import MESS_V_GRID, messplus_name
+
+    return (["slarouter"] + [messplus_name(v) for v in MESS_V_GRID]
+            + ["mess+", "threshold", "bandit", "random-mix", "oracle"] + [f"always:{m}" for m in models])
+
+
+def _policies_to_run(policies: Sequence[str]) -> List[str]:
+    """The requested policies, "mess+" replaced by the MESS+ grid runs it is chosen from."""
+    from .baselines import MESS_V_GRID, messplus_name
+
+    out: List[str] = []
+    for p in policies:
+        for n in [messplus_name(v) for v in MESS_V_GRID] if p == "mess+" else [p]:
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def add_best_v(runs: Sequence[dict], keep_grid: bool = True) -> Tuple[List[dict], Dict[tuple, float]]:
+    """Adds the ``mess+`` runs: MESS+ with V chosen in hindsight per (benchmark, protocol, report_rate).
+
+    Among the ``mess+:V=<v>`` runs of a (benchmark, protocol, report_rate) group, a V qualifies when
+    for every alpha its mean satisfaction over seeds is >= alpha; the qualifying V with the lowest
+    mean cost per request is chosen (ties: the smaller V), or if none qualifies, the V with the
+    highest mean satisfaction. Each run of the chosen V is copied with policy "mess+" and an extra
+    key "V", placed right after the last grid run of its stream and cell. Returns (runs, {group: V}).
+    ``keep_grid=False`` drops the ``mess+:V=<v>`` runs themselves.
+    """
+    from .baselines import best_v, messplus_v
+
+    chosen = best_v(runs)
+
+    def cell(r: dict) -> tuple:
+        return (r["benchmark"], r["protocol"], r["seed"], r["alpha"], r["report_rate"])
+
+    out: List[dict] = []
+    pending: Optional[dict] = None
+    for r in runs:
+        v = messplus_v(r["policy"])
+        if pending is not None and (v is None or cell(r) != cell(pending)):
+            out.append(pending)
+            pending = None
+        if v is None or keep_grid:
+            out.append(r)
+        if v is not None and v == chosen[(r["benchmark"], r["protocol"], r["report_rate"])]:
+            pending = dict(r, policy="mess+", V=v)
+    if pending is not None:
+        out.append(pending)
+    return out, chosen
+
+
 def run_replay(args: argparse.Namespace) -> dict:
+    """Every run of the grid: {"dataset", "runs", "traces"} ("traces" is for --plot, not for --json)."""
+    from .baselines import messplus_name
     from .datasets import load_dataset
     from .replay import resolve_policy
 
@@ -122,9 +188,10 @@ def run_replay(args: argparse.Namespace) -> dict:
     benchmarks = args.benchmark or ds.benchmarks
     for b in benchmarks:
         ds.rows(b)  # validates the name
-    policies = args.policies or (["slarouter", "random-mix", "oracle"] + [f"always:{m}" for m in ds.models])
-    for p in policies:
+    requested = list(dict.fromkeys(args.policies or default_policies(ds.models)))
+    for p in requested:
         resolve_policy(p, ds)
+    policies = _policies_to_run(requested)
     if args.batch < 1:
         raise SystemExit("--batch must be >= 1")
     if not 0.0 <= args.audit_rate <= 1.0:
@@ -136,21 +203,39 @@ def run_replay(args: argparse.Namespace) -> dict:
             for seed in args.seeds:
                 jobs.append(dict(benchmark=b, protocol=proto, seed=seed, requests=args.requests, alphas=alphas,
                                  rates=args.report_rate, policies=policies, confidence=args.confidence,
-                                 audit_rate=args.audit_rate, batch=args.batch, max_delay=args.max_delay))
+                                 audit_rate=args.audit_rate, batch=args.batch, max_delay=args.max_delay,
+                                 trace=not jobs))
     runs: List[dict] = []
+    traces: Optional[dict] = None
     start = time.time()
     workers = max(1, min(args.workers, len(jobs)))
     if workers == 1:
         _init_worker(args.dataset)
-        for i, job in enumerate(jobs):
-            runs.extend(_run_job(job))
+        results: Iterable[Tuple[List[dict], Optional[dict]]] = map(_run_job, jobs)
+        for i, (res, tr) in enumerate(results):
+            runs.extend(res)
+            traces = traces or tr
             _progress(i + 1, len(jobs), start, args.quiet)
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(args.dataset,)) as ex:
-            for i, res in enumerate(ex.map(_run_job, jobs)):
+            for i, (res, tr) in enumerate(ex.map(_run_job, jobs)):
                 runs.extend(res)
+                traces = traces or tr
                 _progress(i + 1, len(jobs), start, args.quiet)
-    return {"dataset": ds.name, "runs": runs}
+    if "mess+" in requested:
+        runs, chosen = add_best_v(runs)
+        if traces is not None:
+            v = chosen.get((traces["benchmark"], traces["protocol"], traces["report_rate"]))
+            if v is not None:
+                traces["policies"]["mess+"] = traces["policies"][messplus_name(v)]
+                traces["mess+ V"] = v
+        dropped = set(policies) - set(requested)
+        if dropped:
+            runs = [r for r in runs if r["policy"] not in dropped]
+        if traces is not None:
+            order = [p for p in requested if p in traces["policies"]]
+            traces["policies"] = {p: traces["policies"][p] for p in order}
+    return {"dataset": ds.name, "runs": runs, "traces": traces}
 
 
 def summarize(runs: Sequence[dict]) -> Dict[tuple, dict]:
@@ -183,7 +268,8 @@ def print_tables(result: dict, out=sys.stdout) -> None:
         for p in policies:
             sel = [r for r in rs if r["policy"] == p]
             if sel:
-                print(f"  {p:28s} {_row(sel)}", file=out)
+                label = f"{p} (V={sel[0]['V']:g})" if "V" in sel[0] else p
+                print(f"  {label:28s} {_row(sel)}", file=out)
     print("\npooled over benchmarks, SLA levels and seeds", file=out)
     pooled: Dict[tuple, List[dict]] = defaultdict(list)
     for r in runs:
@@ -204,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_tables(result)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(result, fh, indent=1)
+                json.dump({k: v for k, v in result.items() if k != "traces"}, fh, indent=1)
         if args.plot:
             from .plot import plot_replay
 

@@ -31,6 +31,6 @@ TUNING = {
     "beta": 0.0,
     "delay_prior": 16.0,
     "unsat_prior": 10.0,
-    "top_mode": 0,
     "top_cost": 0.02,
+    "valve": 1.0,
 }

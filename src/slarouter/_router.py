@@ -138,6 +138,8 @@ class Router:
         parsed = [_parse_model(m, i) for i, m in enumerate(models)]
         if not parsed:
             raise ValueError("models must name at least one model")
+        if len(parsed) > 256:
+            raise ValueError(f"at most 256 models are supported, got {len(parsed)}")
         names = [m.name for m in parsed]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

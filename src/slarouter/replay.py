@@ -18,6 +18,7 @@ import numpy as np
 from . import _core
 from ._defaults import HASH_BITS, MAX_FEATURES
 from ._router import Router
+from .baselines import messplus, messplus_v, policy_bandit, policy_messplus_best, policy_threshold
 from .datasets import Dataset, static_optimum
 
 __all__ = [
@@ -202,6 +203,9 @@ POLICIES: Dict[str, Policy] = {
     "slarouter": policy_slarouter,
     "random-mix": policy_random_mix,
     "oracle": policy_oracle,
+    "threshold": policy_threshold,
+    "bandit": policy_bandit,
+    "mess+": policy_messplus_best,  # best V in hindsight: post-processing of the mess+:V=<v> runs
 }
 
 
@@ -211,13 +215,20 @@ def resolve_policy(name: str, ds: Dataset) -> Policy:
         if m not in ds.models:
             raise ValueError(f"unknown model {m!r} in policy {name!r}; models: {ds.models}")
         return always(ds.models.index(m))
+    v = messplus_v(name)
+    if v is not None:
+        return messplus(v)
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)} and always:<model>")
+        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}, mess+:V=<v> and always:<model>")
     return POLICIES[name]
 
 
-def run_policy(name: str, ctx: RunContext) -> Dict[str, object]:
-    """Run one policy on one stream; returns the run record of the JSON output."""
+def run_policy(name: str, ctx: RunContext, trace: bool = False) -> Dict[str, object]:
+    """Run one policy on one stream; returns the run record of the JSON output.
+
+    With ``trace=True`` the record also holds ``"trace"``: the running satisfaction after each
+    step (float32 array; for plots, not for the JSON output).
+    """
     model, extra = resolve_policy(name, ctx.ds)(ctx)
     s = ctx.stream
     sat, complained = ctx.complaints_of(model)
@@ -227,7 +238,7 @@ def run_policy(name: str, ctx: RunContext) -> Dict[str, object]:
     b, bc = reference_costs(ctx.ds, s.benchmark, ctx.alpha, ctx.report_rate, len(s))
     satisfaction = float(sat.mean())
     counts = np.bincount(model, minlength=len(ctx.ds.models))
-    return {
+    record = {
         "benchmark": s.benchmark,
         "alpha": ctx.alpha,
         "report_rate": ctx.report_rate,
@@ -243,3 +254,6 @@ def run_policy(name: str, ctx: RunContext) -> Dict[str, object]:
         "complaints": int(complained.sum()),
         "share": {m: float(c) / len(s) for m, c in zip(ctx.ds.models, counts)},
     }
+    if trace:
+        record["trace"] = (np.cumsum(sat) / np.arange(1, len(s) + 1)).astype(np.float32)
+    return record
