@@ -507,9 +507,15 @@ private:
         return std::min(r, 1.0);
     }
 
-    // Fraction of a request's eventual complaints expected by `age` later requests,
-    // from the observed complaint-delay histogram (see docs/algorithm.md).
-    void delay_cdf(std::vector<double>& rate) const {
+    // Complaint rate per request in each delay bin, from the observed delay histogram and the
+    // number of requests old enough to have shown each delay (docs/algorithm.md, "Late feedback").
+    // Bins that no request has reached yet are extrapolated by `tail`: kTailDecay assumes the
+    // tail is about as long as the span observed so far (the point estimate), kTailNone that
+    // every complaint has been seen (the optimistic bound on exposure), kTailFlat that complaints
+    // keep coming at the last observed rate until the window closes (the pessimistic bound).
+    enum Tail : int { kTailDecay = 0, kTailNone = 1, kTailFlat = 2 };
+
+    void delay_rates(std::vector<double>& rate, int tail) const {
         const int B = cfg_.bins;
         const double wb = static_cast<double>(cfg_.bin_width());
         const double N = static_cast<double>(t_);
@@ -524,13 +530,15 @@ private:
             xs += static_cast<double>(delay_hist_[b]);
             es += e;
         }
-        // Each bin's rate is shrunk toward its predecessor's, decayed by exp(-width / N): where no
-        // request is old enough to have shown a delay, the tail is assumed about as long as the
-        // span observed so far (neither "all complaints are in" nor "most are still to come").
+        // Each bin's rate is shrunk toward its predecessor's, decayed by exp(-width / N).
         const double decay = std::exp(-wb / std::max(N, 1.0));
         double prev = (xs + 1.0) / (es + cfg_.delay_prior * B);
         for (int b = 0; b < B; ++b) {
-            const double r = (static_cast<double>(delay_hist_[b]) + cfg_.delay_prior * prev * decay) / (expo[b] + cfg_.delay_prior);
+            double r;
+            if (expo[b] > 0.0 || tail == kTailDecay)
+                r = (static_cast<double>(delay_hist_[b]) + cfg_.delay_prior * prev * decay) / (expo[b] + cfg_.delay_prior);
+            else
+                r = tail == kTailNone ? 0.0 : prev;
             rate[b] = r;
             prev = r;
         }
@@ -553,23 +561,24 @@ private:
         const double rho = rho_current();
         const double rf = std::min(cfg_.rho_false, 0.5 * rho);
         e.rho = rho;
-        // Delay distribution and the age of each live bucket.
-        std::vector<double> rate;
-        delay_cdf(rate);
-        std::vector<double> cum(rate.size() + 1, 0.0);
-        for (std::size_t b = 0; b < rate.size(); ++b) cum[b + 1] = cum[b] + rate[b];
-        const double total = cum.back();
+        // Delay distribution (point estimate and the two bounds) at the age of each live bucket.
         const std::int64_t wb = cfg_.bin_width();
-        std::vector<double> Fb(nb_ring_, 0.0);
+        std::vector<double> Fb[3];
         std::vector<char> live(nb_ring_, 0);
         const std::int64_t lo_id = std::max<std::int64_t>(0, t_ - cfg_.window);
-        if (t_ > 0) {
+        for (int tail = 0; tail < 3; ++tail) {
+            std::vector<double> rate;
+            delay_rates(rate, tail);
+            std::vector<double> cum(rate.size() + 1, 0.0);
+            for (std::size_t b = 0; b < rate.size(); ++b) cum[b + 1] = cum[b] + rate[b];
+            Fb[tail].assign(nb_ring_, 0.0);
+            if (t_ == 0) continue;
             for (std::int64_t rb = lo_id / wb; rb <= (t_ - 1) / wb; ++rb) {
                 const std::int64_t lo = std::max(rb * wb, lo_id);
                 const std::int64_t hi = std::min((rb + 1) * wb - 1, t_ - 1);
                 const double age = (N - 1.0) - 0.5 * static_cast<double>(lo + hi);
                 const std::size_t r = static_cast<std::size_t>(rb % nb_ring_);
-                Fb[r] = cdf_at(cum, total, static_cast<double>(wb), age);
+                Fb[tail][r] = cdf_at(cum, cum.back(), static_cast<double>(wb), age);
                 live[r] = 1;
             }
         }
@@ -578,36 +587,49 @@ private:
         e.cmean.assign(K, 0.0); e.cnorm.assign(K, 0.0); e.exposure.assign(K, 0.0);
         double epend = 0.0, prem = 0.0, nexp = 0.0;
         for (int k = 0; k < K; ++k) {
-            double n = static_cast<double>(closed_[k]);
-            for (int r = 0; r < nb_ring_; ++r)
-                if (live[r]) n += static_cast<double>(pend_[k * nb_ring_ + r]) * Fb[r];
-            e.exposure[k] = n;
-            nexp += n;
+            // Accuracy and its variance given an exposure n (requests whose complaints are in).
             const double p0 = std::isnan(cfg_.prior[k]) ? 0.5 : cfg_.prior[k];
             const double m0 = cfg_.prior_weight / rho;
             const double q0 = rho * (1.0 - p0) + rf * p0;
-            const double q = (static_cast<double>(complaints_[k]) + m0 * q0) / (n + m0);
-            double a = (rho - q) / (rho - rf);
-            double var = q * (1.0 - q) / (n + m0) / ((rho - rf) * (rho - rf));
-            if (audits_[k] > 0) {
-                const double na = static_cast<double>(audits_[k]);
-                const double aa = (static_cast<double>(audits_sat_[k]) + 1.0) / (na + 2.0);
-                const double va = aa * (1.0 - aa) / (na + 2.0);
-                const double wc = 1.0 / std::max(var, 1e-12), wa = 1.0 / std::max(va, 1e-12);
-                a = (wc * a + wa * aa) / (wc + wa);
-                var = 1.0 / (wc + wa);
+            auto estimate = [&](double n, double* var) {
+                const double c = static_cast<double>(complaints_[k]);
+                const double q = std::min(std::max((c + m0 * q0) / (n + m0), 1e-9), 1.0 - 1e-9);
+                double a = (rho - q) / (rho - rf);
+                double v = q * (1.0 - q) / (n + m0) / ((rho - rf) * (rho - rf));
+                if (audits_[k] > 0) {
+                    const double na = static_cast<double>(audits_[k]);
+                    const double aa = (static_cast<double>(audits_sat_[k]) + 1.0) / (na + 2.0);
+                    const double va = aa * (1.0 - aa) / (na + 2.0);
+                    const double wc = 1.0 / std::max(v, 1e-12), wa = 1.0 / std::max(va, 1e-12);
+                    a = (wc * a + wa * aa) / (wc + wa);
+                    v = 1.0 / (wc + wa);
+                }
+                *var = v;
+                return std::min(std::max(a, 0.0), 1.0);
+            };
+            double n3[3];
+            for (int tail = 0; tail < 3; ++tail) {
+                double n = static_cast<double>(closed_[k]);
+                for (int r = 0; r < nb_ring_; ++r)
+                    if (live[r]) n += static_cast<double>(pend_[k * nb_ring_ + r]) * Fb[tail][r];
+                n3[tail] = n;
             }
-            a = std::min(std::max(a, 0.0), 1.0);
-            const double sd = std::sqrt(var);
+            e.exposure[k] = n3[kTailDecay];
+            nexp += n3[kTailDecay];
+            double var, var_lo, var_hi;
+            const double a = estimate(n3[kTailDecay], &var);
+            const double a_lo = estimate(n3[kTailFlat], &var_lo);
+            const double a_hi = estimate(n3[kTailNone], &var_hi);
             e.acc[k] = a;
-            e.sd[k] = sd;
-            e.lcb[k] = std::max(a - cfg_.z_lcb * sd, 0.0);
-            e.ucb[k] = a + cfg_.z_ucb * sd;  // not clipped: ranks untried models above tried ones
+            e.sd[k] = std::sqrt(var);
+            // The bounds carry both the sampling error and the uncertainty about late complaints.
+            e.lcb[k] = std::max(a_lo - cfg_.z_lcb * std::sqrt(var_lo), 0.0);
+            e.ucb[k] = a_hi + cfg_.z_ucb * std::sqrt(var_hi);  // not clipped: ranks untried models first
             for (int r = 0; r < nb_ring_; ++r) {
                 if (!live[r]) continue;
                 const double nc = static_cast<double>(pendnc_[k * nb_ring_ + r]);
                 if (nc == 0.0) continue;
-                const double F = Fb[r];
+                const double F = Fb[kTailDecay][r];
                 const double u = 1.0 - a;
                 epend += nc * u * (1.0 - F) / std::max(1.0 - rho * u * F, 1e-9);
                 prem += nc * (1.0 - F);
@@ -656,12 +678,12 @@ private:
     }
 
     // The model to serve when no mix can reach the target: the largest optimistic accuracy,
-    // a unit of normalised cost being worth top_cost of accuracy (ties: cheaper, lower index).
-    int most_accurate(const Estimates& e) const {
+    // a unit of normalised cost being worth cost_weight of accuracy (ties: cheaper, lower index).
+    int most_accurate(const Estimates& e, double cost_weight) const {
         int best = 0;
-        double bs = e.ucb[0] - cfg_.top_cost * e.cnorm[0];
+        double bs = e.ucb[0] - cost_weight * e.cnorm[0];
         for (int k = 1; k < static_cast<int>(e.ucb.size()); ++k) {
-            const double sc = e.ucb[k] - cfg_.top_cost * e.cnorm[k];
+            const double sc = e.ucb[k] - cost_weight * e.cnorm[k];
             if (sc > bs || (sc == bs && e.cnorm[k] < e.cnorm[best])) {
                 best = k;
                 bs = sc;
@@ -685,7 +707,8 @@ private:
         const std::vector<int>& h = e.hull;
         const bool valve = e.deficit > cfg_.valve * (e.margin * N + 1.0 / e.rho);
         if (valve || te >= e.ucb[h.back()]) {
-            const int best = most_accurate(e);
+            // Past the valve the deficit must be repaid: accuracy alone decides.
+            const int best = most_accurate(e, valve ? 0.0 : cfg_.top_cost);
             const double eps = std::min(cfg_.eps_max, cfg_.eps_c * std::pow(N + 1.0, -1.0 / 3.0));
             if (u1 < eps) {
                 int cand[kMaxModels];
