@@ -145,19 +145,19 @@ def _policies_to_run(policies: Sequence[str]) -> List[str]:
     return out
 
 
-def add_best_v(runs: Sequence[dict], keep_grid: bool = True) -> Tuple[List[dict], Dict[tuple, float]]:
+def add_best_v(runs: Sequence[dict], grid: Optional[Sequence[float]] = None) -> Tuple[List[dict], Dict[tuple, float]]:
     """Adds the ``mess+`` runs: MESS+ with V chosen in hindsight per (benchmark, protocol, report_rate).
 
     Among the ``mess+:V=<v>`` runs of a (benchmark, protocol, report_rate) group, a V qualifies when
     for every alpha its mean satisfaction over seeds is >= alpha; the qualifying V with the lowest
     mean cost per request is chosen (ties: the smaller V), or if none qualifies, the V with the
     highest mean satisfaction. Each run of the chosen V is copied with policy "mess+" and an extra
-    key "V", placed right after the last grid run of its stream and cell. Returns (runs, {group: V}).
-    ``keep_grid=False`` drops the ``mess+:V=<v>`` runs themselves.
+    key "V", placed right after the last grid run of its stream and cell. ``grid``: the V values
+    to choose from (default: every V among the runs). Returns (runs, {group: chosen V}).
     """
     from .baselines import best_v, messplus_v
 
-    chosen = best_v(runs)
+    chosen = best_v(runs, grid)
 
     def cell(r: dict) -> tuple:
         return (r["benchmark"], r["protocol"], r["seed"], r["alpha"], r["report_rate"])
@@ -169,9 +169,8 @@ def add_best_v(runs: Sequence[dict], keep_grid: bool = True) -> Tuple[List[dict]
         if pending is not None and (v is None or cell(r) != cell(pending)):
             out.append(pending)
             pending = None
-        if v is None or keep_grid:
-            out.append(r)
-        if v is not None and v == chosen[(r["benchmark"], r["protocol"], r["report_rate"])]:
+        out.append(r)
+        if v is not None and v == chosen.get((r["benchmark"], r["protocol"], r["report_rate"])):
             pending = dict(r, policy="mess+", V=v)
     if pending is not None:
         out.append(pending)
@@ -180,7 +179,7 @@ def add_best_v(runs: Sequence[dict], keep_grid: bool = True) -> Tuple[List[dict]
 
 def run_replay(args: argparse.Namespace) -> dict:
     """Every run of the grid: {"dataset", "runs", "traces"} ("traces" is for --plot, not for --json)."""
-    from .baselines import messplus_name
+    from .baselines import MESS_V_GRID, messplus_name
     from .datasets import load_dataset
     from .replay import resolve_policy
 
@@ -190,7 +189,10 @@ def run_replay(args: argparse.Namespace) -> dict:
         ds.rows(b)  # validates the name
     requested = list(dict.fromkeys(args.policies or default_policies(ds.models)))
     for p in requested:
-        resolve_policy(p, ds)
+        try:
+            resolve_policy(p, ds)
+        except ValueError as e:
+            raise SystemExit(f"slarouter replay: {e}") from None
     policies = _policies_to_run(requested)
     if args.batch < 1:
         raise SystemExit("--batch must be >= 1")
@@ -223,7 +225,7 @@ def run_replay(args: argparse.Namespace) -> dict:
                 traces = traces or tr
                 _progress(i + 1, len(jobs), start, args.quiet)
     if "mess+" in requested:
-        runs, chosen = add_best_v(runs)
+        runs, chosen = add_best_v(runs, MESS_V_GRID)
         if traces is not None:
             v = chosen.get((traces["benchmark"], traces["protocol"], traces["report_rate"]))
             if v is not None:
@@ -253,7 +255,8 @@ def _row(rs: Sequence[dict]) -> str:
     return f"{cb:8.2f} {cc:9.2f} {sat:8.4f} {met:8.0%} {len(rs):6d}"
 
 
-def print_tables(result: dict, out=sys.stdout) -> None:
+def print_tables(result: dict, out=None) -> None:
+    out = sys.stdout if out is None else out  # looked up at call time, so redirections apply
     runs = result["runs"]
     policies = list(dict.fromkeys(r["policy"] for r in runs))
     head = f"  {'policy':28s} {'cost/B':>8s} {'cost/Bc':>9s} {'satisf.':>8s} {'SLA met':>8s} {'runs':>6s}"

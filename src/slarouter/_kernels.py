@@ -7,8 +7,9 @@ indices, int64 indptr, float64 everything else) so that each kernel compiles onc
 
 Features are a CSR matrix over the rows of one benchmark (indices compacted to ``0..n_features-1``;
 equivalent to weights over the engine's 2**18 hashed buckets, of which only those present in the
-data ever move). A per-model logistic predictor is ``sigmoid(w[k] . x + b[k])``, fitted by AdaGrad
-steps with accumulators started at ``g0``.
+data ever move). A per-model logistic predictor is ``sigmoid(w[:, k] . x + b[k])``, fitted by
+AdaGrad steps with accumulators started at ``g0``; ``w`` is (n_features, K) so that scoring every
+model reads each feature's weights from one place.
 """
 
 from __future__ import annotations
@@ -31,10 +32,24 @@ def _sigmoid(z):
 
 @numba.jit(**_JIT)
 def _score(w, b, k, indptr, indices, values, r):
+    """Logit of model k on row r (weights are (n_features, K): one feature's K weights are adjacent)."""
     z = b[k]
     for j in range(indptr[r], indptr[r + 1]):
-        z += w[k, indices[j]] * values[j]
+        z += w[indices[j], k] * values[j]
     return z
+
+
+@numba.jit(**_JIT)
+def _scores(w, b, indptr, indices, values, r, z):
+    """Logits of every model on row r, into z (one pass over the row's features)."""
+    K = b.shape[0]
+    for k in range(K):
+        z[k] = b[k]
+    for j in range(indptr[r], indptr[r + 1]):
+        f = indices[j]
+        v = values[j]
+        for k in range(K):
+            z[k] += w[f, k] * v
 
 
 @numba.jit(**_JIT)
@@ -43,8 +58,8 @@ def _step(w, G, b, Gb, k, indptr, indices, values, r, g, lr):
     for j in range(indptr[r], indptr[r + 1]):
         f = indices[j]
         gj = g * values[j]
-        G[k, f] += gj * gj
-        w[k, f] -= lr * gj / math.sqrt(G[k, f])
+        G[f, k] += gj * gj
+        w[f, k] -= lr * gj / math.sqrt(G[f, k])
     Gb[k] += g * g
     b[k] -= lr * g / math.sqrt(Gb[k])
 
@@ -61,28 +76,29 @@ def _messplus(rows, u_sat, u_pol, indptr, indices, values, n_features, sat, cnor
     """
     T = rows.shape[0]
     K = sat.shape[1]
-    w = np.zeros((K, n_features))
-    G = np.full((K, n_features), g0)
+    w = np.zeros((n_features, K))
+    G = np.full((n_features, K), g0)
     b = np.zeros(K)
     Gb = np.full(K, g0)
+    z = np.empty(K)
     Q = 0.0
     for t in range(T):
         r = rows[t]
         p_t = min(1.0, c * (t + 1.0) ** (-kappa))
+        _scores(w, b, indptr, indices, values, r, z)
         if u_pol[t] < p_t:
             k = explore_model
             out_explore[t] = 1
             for j in range(K):
                 y = 1.0 if u_sat[t] < sat[r, j] else 0.0
-                p = _sigmoid(_score(w, b, j, indptr, indices, values, r))
-                _step(w, G, b, Gb, j, indptr, indices, values, r, p - y, lr)
+                _step(w, G, b, Gb, j, indptr, indices, values, r, _sigmoid(z[j]) - y, lr)
         else:
             out_explore[t] = 0
             k = 0
             best = np.inf
             pk = 0.5
             for j in range(K):
-                p = _sigmoid(_score(w, b, j, indptr, indices, values, r))
+                p = _sigmoid(z[j])
                 s = V * cnorm[j] - Q * p
                 if s < best or (s == best and cnorm[j] < cnorm[k]):
                     best = s
@@ -109,14 +125,15 @@ def _bandit(rows, u_sat, u_report, delay, u_pol, indptr, indices, values, n_feat
     """
     T = rows.shape[0]
     K = sat.shape[1]
-    w = np.zeros((K, n_features))
-    G = np.full((K, n_features), g0)
+    w = np.zeros((n_features, K))
+    G = np.full((n_features, K), g0)
     q0 = 0.5 * rho_assumed
     b = np.full(K, math.log(q0 / (1.0 - q0)))
     Gb = np.full(K, g0)
     head = np.full(T + 1, -1, dtype=np.int64)  # complaints delivered just before step s
     nxt = np.full(T, -1, dtype=np.int64)
     heard = np.zeros(T, dtype=np.uint8)
+    z = np.empty(K)
     lam = 0.0
     for t in range(T):
         # Deliver complaints, then close windows silently.
@@ -141,11 +158,11 @@ def _bandit(rows, u_sat, u_report, delay, u_pol, indptr, indices, values, n_feat
         if u_pol[t] < eps:
             k = min(K - 1, int(u_pol[t] / eps * K))
         else:
+            _scores(w, b, indptr, indices, values, r, z)
             k = 0
             best = np.inf
             for j in range(K):
-                q = _sigmoid(_score(w, b, j, indptr, indices, values, r))
-                s_ = cnorm[j] + lam * q / rho_assumed
+                s_ = cnorm[j] + lam * _sigmoid(z[j]) / rho_assumed
                 if s_ < best or (s_ == best and cnorm[j] < cnorm[k]):
                     best = s_
                     k = j
@@ -164,13 +181,14 @@ def _logreg_fit(order, indptr, indices, values, n_features, target, b0, lr, g0):
     """Offline AdaGrad fit of one logistic model per column of ``target`` over rows in ``order``,
     intercepts started at ``b0``."""
     K = target.shape[1]
-    w = np.zeros((K, n_features))
-    G = np.full((K, n_features), g0)
+    w = np.zeros((n_features, K))
+    G = np.full((n_features, K), g0)
     b = b0.copy()
     Gb = np.full(K, g0)
+    z = np.empty(K)
     for i in range(order.shape[0]):
         r = order[i]
+        _scores(w, b, indptr, indices, values, r, z)
         for k in range(K):
-            p = _sigmoid(_score(w, b, k, indptr, indices, values, r))
-            _step(w, G, b, Gb, k, indptr, indices, values, r, p - target[r, k], lr)
+            _step(w, G, b, Gb, k, indptr, indices, values, r, _sigmoid(z[k]) - target[r, k], lr)
     return w, b

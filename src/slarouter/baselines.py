@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,6 +36,8 @@ __all__ = [
     "policy_threshold",
     "policy_bandit",
     "fit_threshold",
+    "ThresholdRouter",
+    "best_v",
 ]
 
 # --- constants: one configuration for every dataset (docs/replay.md explains each) ---------------
@@ -88,17 +91,25 @@ class _Bench:
         self.n_features = max(1, len(cols))
         self.sat = np.ascontiguousarray(ds.sat[self.rows], dtype=np.float64)
         self.cost = ds.cost[self.rows]
-        self.nnz_row = np.repeat(np.arange(len(self.rows)), lens)
 
     def local(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.rows, rows).astype(np.int32)
 
-    def predict(self, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """(rows, K) sigmoid(w[k] . x + b[k]) of every row of the benchmark."""
-        n, K = len(self.rows), len(b)
-        z = np.empty((n, K))
-        for k in range(K):
-            z[:, k] = b[k] + np.bincount(self.nnz_row, weights=w[k, self.indices] * self.values, minlength=n)
+    def predict(self, w: np.ndarray, b: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """(len(rows), K) sigmoid(w[:, k] . x + b[k]) of the given local rows (default: all)."""
+        if rows is None:
+            indptr, indices, values = self.indptr, self.indices, self.values
+        else:
+            lo, hi = self.indptr[rows], self.indptr[rows + 1]
+            lens = hi - lo
+            take = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+            indptr = np.concatenate([[0], np.cumsum(lens)])
+            indices, values = self.indices[take], self.values[take]
+        n = len(indptr) - 1
+        owner = np.repeat(np.arange(n), np.diff(indptr))
+        z = np.empty((n, len(b)))
+        for k in range(len(b)):
+            z[:, k] = b[k] + np.bincount(owner, weights=w[indices, k] * values, minlength=n)
         return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
@@ -236,20 +247,20 @@ def _threshold_model(ctx: "RunContext") -> dict:
     m0 = np.clip(bench.sat[split].mean(axis=0), 1e-3, 1 - 1e-3)  # intercepts start at the split's accuracy
     b0 = np.log(m0 / (1 - m0))
 
-    def fit(train: np.ndarray) -> np.ndarray:
+    def fit(train: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
         order = np.concatenate([rng.permutation(train) for _ in range(THRESHOLD_EPOCHS)]).astype(np.int32)
         w, b = _kernels._logreg_fit(order, bench.indptr, bench.indices, bench.values, int(bench.n_features),
                                     bench.sat, b0, float(OFFLINE_LR), float(ADAGRAD_G0))
-        return bench.predict(w, b)
+        return bench.predict(w, b, rows)
 
-    pred = fit(split)  # the deployed predictor
+    pred = fit(split)  # the deployed predictor, on every row of the benchmark
     # Calibration predictions of the split's rows: out-of-fold (cross-fitted), so that theta is not
     # calibrated on predictions that have memorised the very labels they are scored against.
     if THRESHOLD_FOLDS > 1 and n_split >= THRESHOLD_FOLDS:
         sp = np.empty((n_split, pred.shape[1]))
         fold = rng.permutation(n_split) % THRESHOLD_FOLDS
         for f in range(THRESHOLD_FOLDS):
-            sp[fold == f] = fit(split[fold != f])[split[fold == f]]
+            sp[fold == f] = fit(split[fold != f], split[fold == f])
     else:
         sp = pred[split]
     # Candidate thresholds: (up to THRESHOLD_CANDIDATES quantiles of) the split's predicted values,
@@ -275,12 +286,27 @@ def _threshold_choice(pred: np.ndarray, theta, cost_order: np.ndarray) -> np.nda
     return np.where(ok.any(axis=-1), first, np.argmax(pred, axis=-1)).astype(np.int32)
 
 
-def fit_threshold(ctx: "RunContext") -> Tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """The frozen threshold router of ctx: (theta, predictions (bench rows, K), split, cost order).
+@dataclass(frozen=True)
+class ThresholdRouter:
+    """The frozen threshold router of one (benchmark, seed, alpha), see ``fit_threshold``."""
 
-    ``split`` holds positions in ``ds.rows(benchmark)`` of the labelled training rows; theta is
-    the cheapest (by the split's mean cost) candidate whose routing meets alpha on the split, or
-    when none does, the one with the highest satisfaction on the split.
+    theta: float
+    pred: np.ndarray  # (rows of the benchmark, K) deployed predictor's satisfaction estimates
+    split: np.ndarray  # positions in ds.rows(benchmark) of the labelled training/calibration rows
+    split_pred: np.ndarray  # (len(split), K) the out-of-fold predictions theta was calibrated on
+    cost_order: np.ndarray  # models from cheapest to dearest (by list cost)
+    split_satisfaction: float  # mean satisfaction on the split of routing split_pred at theta
+
+    def route(self, pred: np.ndarray) -> np.ndarray:
+        """Cheapest model with predicted satisfaction >= theta, else the highest prediction."""
+        return _threshold_choice(pred, self.theta, self.cost_order)
+
+
+def fit_threshold(ctx: "RunContext") -> ThresholdRouter:
+    """The threshold router of ctx, trained and calibrated offline on a labelled split, then frozen.
+
+    theta is the cheapest (by the split's mean cost) candidate whose routing of the split meets
+    alpha on the split, or when none does, the one with the highest satisfaction on the split.
     """
     fit = _threshold_model(ctx)
     ok = fit["sat"] >= ctx.alpha
@@ -288,14 +314,15 @@ def fit_threshold(ctx: "RunContext") -> Tuple[float, np.ndarray, np.ndarray, np.
         i = int(np.flatnonzero(ok)[np.argmin(fit["cost"][ok])])
     else:
         i = int(np.argmax(fit["sat"]))
-    return float(fit["thetas"][i]), fit["pred"], fit["split"], fit["cost_order"]
+    return ThresholdRouter(theta=float(fit["thetas"][i]), pred=fit["pred"], split=fit["split"],
+                           split_pred=fit["split_pred"], cost_order=fit["cost_order"],
+                           split_satisfaction=float(fit["sat"][i]))
 
 
 def policy_threshold(ctx: "RunContext") -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """RouteLLM-style: offline predictor and threshold calibrated on a labelled split, then frozen."""
-    theta, pred, _, cost_order = fit_threshold(ctx)
-    lrows = _bench(ctx).local(ctx.stream.rows)
-    return _threshold_choice(pred[lrows], theta, cost_order), None
+    router = fit_threshold(ctx)
+    return router.route(router.pred[_bench(ctx).local(ctx.stream.rows)]), None
 
 
 # --- contextual bandit --------------------------------------------------------------------------
@@ -317,17 +344,19 @@ def policy_bandit(ctx: "RunContext") -> Tuple[np.ndarray, Optional[np.ndarray]]:
 
 
 # --- best V in hindsight ------------------------------------------------------------------------
-def best_v(runs: Sequence[dict]) -> Dict[tuple, float]:
+def best_v(runs: Sequence[dict], grid: Optional[Sequence[float]] = None) -> Dict[tuple, float]:
     """Per (benchmark, protocol, report_rate): the V of MESS+ chosen in hindsight.
 
     Among the ``mess+:V=<v>`` runs of a group, a V qualifies when for every alpha its mean
     satisfaction over seeds is >= alpha; the qualifying V with the lowest mean cost per request is
-    chosen (ties: the smaller V); if none qualifies, the V with the highest mean satisfaction.
+    chosen (ties: the smaller V); if none qualifies, the V with the highest mean satisfaction
+    (ties: the smaller V). ``grid`` restricts the candidates (default: every V among the runs).
     """
+    allowed = None if grid is None else {float(v) for v in grid}
     groups: Dict[tuple, Dict[float, List[dict]]] = {}
     for r in runs:
         v = messplus_v(r["policy"])
-        if v is None:
+        if v is None or (allowed is not None and v not in allowed):
             continue
         groups.setdefault((r["benchmark"], r["protocol"], r["report_rate"]), {}).setdefault(v, []).append(r)
     chosen: Dict[tuple, float] = {}
