@@ -1,0 +1,764 @@
+"""A slow, obviously-correct Python transcription of the slarouter engine.
+
+``ReferenceRouter`` re-implements ``csrc/slarouter/router.hpp`` (and the featurizer of
+``features.hpp`` and the generator of ``rng.hpp``) one rule at a time, in the same order and with
+the same floating-point operations, so that it makes exactly the same decisions as the C++ core.
+It is written for reading, not for speed: plain loops, no vectorisation.
+
+Conventions that make the two agree bit for bit:
+
+- 64-bit unsigned arithmetic (the generator, FNV-1a hashing) uses Python ints masked to 64 bits.
+- What C++ stores as ``float`` (predictor weights, AdaGrad accumulators, feature values) is rounded
+  to float32 (:func:`f32`) at exactly the points where C++ stores it; weights and accumulators live
+  in float32 arrays laid out as in C++ and are read back with ``float(...)``, so every operation is
+  a double operation, as in C++, and no NumPy float32 scalar ever takes part in arithmetic.
+- What C++ accumulates in ``double`` is a Python float, summed in the same order and with the same
+  association (``a * b / c`` is ``(a * b) / c`` in both languages).
+- ``std::min`` / ``std::max`` are :func:`_min` / :func:`_max`, which return the first argument
+  unless the second is strictly smaller / larger, exactly as the C++ templates (this matters only
+  for NaN).
+- ``std::exp`` / ``std::sqrt`` / ``std::pow`` / ``std::log`` are the ``math`` functions (the same
+  libm); the few divisions whose denominator degenerate tuning constants can make zero use
+  :func:`_div`, which returns what IEEE division returns instead of raising.
+
+The configuration is read from a ``slarouter.Router``'s ``config`` dict and mapped to the C++
+``Config`` exactly as ``Router.__init__`` does, so both routers are built from one source of truth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from statistics import NormalDist
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from slarouter import _defaults
+
+__all__ = [
+    "APPLIED", "CLOSED", "UNKNOWN", "DUPLICATE",
+    "splitmix64_next", "uniform01", "mix64", "hash_text", "sigmoid", "logit", "frontier",
+    "ReferenceRouter",
+]
+
+# Status codes of complain / audit / observe_cost (router.hpp, enum Status).
+APPLIED = 0
+CLOSED = 1
+UNKNOWN = -1
+DUPLICATE = -2
+
+# Slot flags (router.hpp, enum Flags).
+COMPLAINED = 1
+AUDITED = 2
+AUDIT_UNSAT = 4
+COST_SEEN = 8
+EXPLORED = 16
+
+# Observation kinds of a predictor step (router.hpp, enum Obs).
+OBS_COMPLAINT = 0
+OBS_LABEL = 1
+
+# Tail assumptions of the delay model (router.hpp, enum Tail).
+TAIL_DECAY = 0
+TAIL_NONE = 1
+TAIL_FLAT = 2
+
+MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar helpers with C++ semantics
+# ---------------------------------------------------------------------------------------------
+def f32(x: float) -> float:
+    """``static_cast<float>(x)``, returned as the (exact) double value of that float."""
+    with np.errstate(over="ignore"):  # out of float32 range: infinity, as in C++
+        return float(np.float32(x))
+
+
+def _min(a: float, b: float) -> float:
+    """``std::min(a, b)``: ``(b < a) ? b : a``."""
+    return b if b < a else a
+
+
+def _max(a: float, b: float) -> float:
+    """``std::max(a, b)``: ``(a < b) ? b : a``."""
+    return b if a < b else a
+
+
+def _div(a: float, b: float) -> float:
+    """IEEE 754 division ``a / b`` (C++ semantics: no exception when ``b`` is zero)."""
+    if b != 0.0:
+        return a / b
+    if a != a or a == 0.0:
+        return math.nan
+    negative = (a < 0.0) != (math.copysign(1.0, b) < 0.0)
+    return -math.inf if negative else math.inf
+
+
+def _exp(x: float) -> float:
+    """``std::exp``: overflows to infinity instead of raising."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _sqrt(x: float) -> float:
+    """``std::sqrt``: NaN for a negative argument instead of raising."""
+    return math.sqrt(x) if x >= 0.0 else math.nan
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + _exp(-z))
+
+
+def logit(p: float) -> float:
+    p = _min(_max(p, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
+# ---------------------------------------------------------------------------------------------
+# rng.hpp: splitmix64
+# ---------------------------------------------------------------------------------------------
+def splitmix64_next(state: int) -> Tuple[int, int]:
+    """One step of splitmix64: returns (new state, output)."""
+    state = (state + 0x9E3779B97F4A7C15) & MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return state, z ^ (z >> 31)
+
+
+def uniform01(state: int) -> Tuple[int, float]:
+    """A uniform double in [0, 1) from the top 53 bits of the next output: (new state, u)."""
+    state, out = splitmix64_next(state)
+    return state, (out >> 11) * 2.0**-53
+
+
+def mix64(z: int) -> int:
+    """The splitmix64 finalizer, used as a hash finalizer."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+# ---------------------------------------------------------------------------------------------
+# features.hpp: hashed word unigrams and bigrams
+# ---------------------------------------------------------------------------------------------
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+BIGRAM_SALT = 0x5BD1E9955BD1E995
+
+
+def is_word_byte(c: int) -> bool:
+    """ASCII letters, digits, '_' and every byte >= 0x80 (so UTF-8 words stay whole)."""
+    return (ord("a") <= c <= ord("z") or ord("A") <= c <= ord("Z") or ord("0") <= c <= ord("9")
+            or c == ord("_") or c >= 0x80)
+
+
+def hash_text(text: Any, bits: int, max_features: int) -> Tuple[List[int], List[float]]:
+    """Hashed features of ``text`` (a str, encoded as UTF-8, or bytes): (bucket indices, values).
+
+    Values are the float32 values ``+-1/sqrt(n)`` (as Python floats), n the number of features.
+    """
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    shift = 64 - bits
+    # Split into words, hashing each with 64-bit FNV-1a over its lower-cased bytes.
+    words: List[int] = []
+    max_words = (max_features + 1) // 2
+    i = 0
+    while i < len(data) and len(words) < max_words:
+        while i < len(data) and not is_word_byte(data[i]):
+            i += 1
+        if i >= len(data):
+            break
+        h = FNV_OFFSET
+        while i < len(data) and is_word_byte(data[i]):
+            c = data[i]
+            if ord("A") <= c <= ord("Z"):
+                c = c - ord("A") + ord("a")
+            h = ((h ^ c) * FNV_PRIME) & MASK64
+            i += 1
+        words.append(h)
+    # Each word gives its unigram, then (from the second word on) the bigram with its predecessor.
+    hashes: List[int] = []
+    for w in range(len(words)):
+        hashes.append(mix64(words[w]))
+        if w > 0:
+            hashes.append(mix64(((words[w - 1] * FNV_PRIME) & MASK64) ^ ((words[w] + BIGRAM_SALT) & MASK64)))
+    hashes = hashes[:max_features]
+    n = len(hashes)
+    idx = [h >> shift for h in hashes]  # the top `bits` bits pick the bucket
+    val = [-1.0 if h & 1 else 1.0 for h in hashes]  # the lowest bit the sign
+    if n > 0:
+        s = f32(1.0 / math.sqrt(float(n)))
+        val = [f32(v * s) for v in val]
+    return idx, val
+
+
+# ---------------------------------------------------------------------------------------------
+# The frontier (router.hpp, Router::frontier)
+# ---------------------------------------------------------------------------------------------
+def frontier(cost: Sequence[float], acc: Sequence[float]) -> List[int]:
+    """Upper concave frontier of accuracy against cost, cheapest first."""
+    K = len(cost)
+    # Cheapest first, then most accurate, then lowest index (a total order when nothing is NaN).
+    order = sorted(range(K), key=lambda k: (cost[k], -acc[k], k))
+    hull: List[int] = []
+    for k in order:
+        if hull and acc[k] <= acc[hull[-1]]:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            lhs = (acc[b] - acc[a]) * (cost[k] - cost[b])
+            rhs = (acc[k] - acc[b]) * (cost[b] - cost[a])
+            if lhs <= rhs:
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    return hull
+
+
+# ---------------------------------------------------------------------------------------------
+# The router
+# ---------------------------------------------------------------------------------------------
+class Features:
+    """One request's features as the scoring code sees them (router.hpp, FeatureView).
+
+    Hashed text: ``idx`` (bucket indices) and ``val`` (float32 values); dense: ``val`` only.
+    """
+
+    def __init__(self, val: List[float], idx: Optional[List[int]] = None) -> None:
+        self.val = val
+        self.idx = idx
+
+
+class Estimates:
+    """Per-model estimates and the SLA accounting (router.hpp, struct Estimates)."""
+
+    def __init__(self, K: int) -> None:
+        self.rho = 1.0
+        self.acc = [0.0] * K
+        self.sd = [0.0] * K
+        self.lcb = [0.0] * K
+        self.ucb = [0.0] * K
+        self.cnorm = [0.0] * K
+        self.cmean = [0.0] * K
+        self.exposure = [0.0] * K
+        self.hull: List[int] = []
+        self.unsat = 0.0
+        self.var = 0.0
+        self.margin = 0.0
+        self.tau = 0.0
+        self.deficit = 0.0
+        self.tau_eff = 0.0
+        self.n = 0
+
+
+class ReferenceRouter:
+    """The engine's decision and update rules, transcribed from ``router.hpp``.
+
+    ``config`` is a ``slarouter.Router(...).config`` dict. ``route`` returns ``(request_id,
+    model_index)``; ``complain`` / ``audit`` / ``observe_cost`` return the C++ status codes
+    (:data:`APPLIED`, :data:`CLOSED`, :data:`UNKNOWN`, :data:`DUPLICATE`).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        # The C++ Config, filled as slarouter.Router.__init__ fills it.
+        models = config["models"]
+        self.K = len(models)
+        self.cost = [float(m["cost"]) for m in models]
+        self.prior = [math.nan if m.get("prior") is None else float(m["prior"]) for m in models]
+        self.alpha = float(config["sla"])
+        rr = config.get("report_rate")
+        self.rho_cfg = 0.0 if rr is None else float(rr)  # 0 means "unknown, estimate from audits"
+        self.rho_min = float(config.get("min_report_rate", _defaults.MIN_REPORT_RATE))
+        self.rho_false = float(config.get("false_complaint_rate", 0.0))
+        self.z = NormalDist().inv_cdf(float(config.get("confidence", _defaults.CONFIDENCE)))
+        features = config.get("features", "text")
+        self.dim = 0 if features == "text" else int(features)
+        self.hash_bits = int(config.get("hash_bits", _defaults.HASH_BITS))
+        self.max_features = _defaults.MAX_FEATURES
+        self.window = int(config.get("feedback_window", _defaults.FEEDBACK_WINDOW))
+        self.bins = min(_defaults.DELAY_BINS, self.window)
+        self.seed = int(config.get("seed", 0))
+        tuning = dict(_defaults.TUNING)
+        tuning.update(config.get("tuning") or {})
+        for key, value in tuning.items():
+            setattr(self, key, float(value))  # eps_max, eps_c, z_lcb, ..., valve
+        if not 1 <= self.K <= 256:
+            raise ValueError("between 1 and 256 models are supported")
+        if self.bins < 1 or self.window < self.bins or self.window % self.bins != 0:
+            raise ValueError("window must be a positive multiple of bins")
+
+        K, W = self.K, self.window
+        self.bin_width = self.window // self.bins
+        self.nb_ring = self.bins + 1  # delay buckets that can hold a pending request
+        self.hashed = self.dim == 0
+        n_weights = (1 << self.hash_bits) * K if self.hashed else self.dim * K
+
+        # State (the C++ members, in the order save_state writes them).
+        self.t = 0
+        self.rng = self.seed
+        self.complaints_total = 0
+        self.late_complaints = 0
+        self.audits_total = 0
+        self.explored = 0
+        self.rho_n = 0  # closed audited-unsatisfied requests ...
+        self.rho_c = 0  # ... and how many of them complained
+        self.served = [0] * K
+        self.closed = [0] * K
+        self.complaints = [0] * K
+        self.audits = [0] * K
+        self.audits_sat = [0] * K
+        self.cost_n = [0] * K
+        self.cost_sum = [0.0] * K
+        self.slot_model = [-1] * W
+        self.slot_flags = [0] * W
+        self.slot_feats: List[Optional[Features]] = [None] * W
+        self.pend = [[0] * self.nb_ring for _ in range(K)]  # pending requests per model and bucket
+        self.pendnc = [[0] * self.nb_ring for _ in range(K)]  # ... of which without a complaint
+        self.delay_hist = [0] * self.bins
+        # float32 storage, laid out as in C++: hashed bucket-major (idx * K + k), dense model-major
+        # (k * dim + j).  Read with float(...), written with f32(...).
+        self.weights = np.zeros(n_weights, dtype=np.float32)
+        self.adagrad = np.zeros(n_weights, dtype=np.float32)
+        self.acc_cache = [0.5 if math.isnan(p) else p for p in self.prior]
+        # Not engine state: how often each branch of the decision was taken (for the tests).
+        self.branch_counts: Counter = Counter()
+
+    # ---- features ----------------------------------------------------------------------------
+    def features(self, x: Any) -> Features:
+        """What the bindings hand the core: hashed text, or the float32 dense vector."""
+        if self.hashed:
+            idx, val = hash_text(x, self.hash_bits, self.max_features)
+            return Features(val, idx)
+        arr = np.asarray(x, dtype=np.float32)
+        assert arr.shape == (self.dim,)
+        return Features([float(v) for v in arr])
+
+    def _feature_terms(self, k: int, f: Features) -> List[Tuple[int, float]]:
+        """(flat weight index, feature value) of model k for every feature, in feature order."""
+        if self.hashed:
+            return [(f.idx[j] * self.K + k, f.val[j]) for j in range(len(f.idx))]
+        return [(k * self.dim + j, f.val[j]) for j in range(self.dim)]
+
+    def dot(self, k: int, f: Features) -> float:
+        """w_k . phi(x), accumulated in double in feature order."""
+        acc = 0.0
+        for ix, v in self._feature_terms(k, f):
+            acc += float(self.weights[ix]) * v
+        return acc
+
+    def spread(self, k: int, f: Features) -> float:
+        """sqrt(sum_j phi_j^2 / (lambda0 + G_kj))."""
+        acc = 0.0
+        for ix, v in self._feature_terms(k, f):
+            acc += _div(v * v, self.lambda0 + float(self.adagrad[ix]))
+        return _sqrt(acc)
+
+    def predict(self, x: Any) -> List[float]:
+        """Per-request predicted satisfaction of every model (Router::predict)."""
+        f = self.features(x)
+        return [sigmoid(logit(self.acc_cache[k]) + self.dot(k, f)) for k in range(self.K)]
+
+    # ---- routing -----------------------------------------------------------------------------
+    def route(self, x: Any, cost: Optional[Sequence[float]] = None) -> Tuple[int, int]:
+        f = self.features(x)
+        c = None if cost is None else [float(v) for v in np.asarray(cost, dtype=np.float64)]
+        rid = self.t
+        # The request leaving the window closes first.
+        if rid >= self.window:
+            self._close(rid - self.window)
+        e = self._refresh()
+        self.acc_cache = list(e.acc)
+        self.rng, u1 = uniform01(self.rng)
+        self.rng, u2 = uniform01(self.rng)
+        k, explored = self._decide(e, f, c, u1, u2)
+        # Record the pending request.
+        s = rid % self.window
+        self.slot_model[s] = k
+        self.slot_flags[s] = EXPLORED if explored else 0
+        if self.hashed:
+            n = min(len(f.idx), self.max_features)
+            self.slot_feats[s] = Features(f.val[:n], f.idx[:n])
+        else:
+            self.slot_feats[s] = Features(list(f.val))
+        b = self._bucket_of(rid)
+        self.pend[k][b] += 1
+        self.pendnc[k][b] += 1
+        self.served[k] += 1
+        if explored:
+            self.explored += 1
+        self.t += 1
+        return rid, k
+
+    # ---- feedback ----------------------------------------------------------------------------
+    def _check_id(self, rid: int) -> int:
+        if rid < 0 or rid >= self.t:
+            return UNKNOWN
+        if rid < self.t - self.window:
+            return CLOSED
+        return APPLIED
+
+    def complain(self, rid: int) -> int:
+        st = self._check_id(rid)
+        if st == CLOSED:
+            self.late_complaints += 1
+            return st
+        if st != APPLIED:
+            return st
+        s = rid % self.window
+        if self.slot_flags[s] & COMPLAINED:
+            return DUPLICATE
+        self.slot_flags[s] |= COMPLAINED
+        k = self.slot_model[s]
+        self.complaints[k] += 1
+        self.complaints_total += 1
+        delay = self.t - 1 - rid
+        self.delay_hist[delay // self.bin_width] += 1
+        self.pendnc[k][self._bucket_of(rid)] -= 1
+        self._learn(k, s, OBS_COMPLAINT, 1.0)
+        return APPLIED
+
+    def audit(self, rid: int, satisfied: bool) -> int:
+        st = self._check_id(rid)
+        if st != APPLIED:
+            return st
+        s = rid % self.window
+        if self.slot_flags[s] & AUDITED:
+            return DUPLICATE
+        self.slot_flags[s] |= AUDITED
+        if not satisfied:
+            self.slot_flags[s] |= AUDIT_UNSAT
+        k = self.slot_model[s]
+        self.audits[k] += 1
+        if satisfied:
+            self.audits_sat[k] += 1
+        self.audits_total += 1
+        self._learn(k, s, OBS_LABEL, 1.0 if satisfied else 0.0)
+        return APPLIED
+
+    def observe_cost(self, rid: int, cost: float) -> int:
+        st = self._check_id(rid)
+        if st != APPLIED:
+            return st
+        s = rid % self.window
+        if self.slot_flags[s] & COST_SEEN:
+            return DUPLICATE
+        self.slot_flags[s] |= COST_SEEN
+        k = self.slot_model[s]
+        self.cost_sum[k] += float(cost)
+        self.cost_n[k] += 1
+        return APPLIED
+
+    # ---- introspection -----------------------------------------------------------------------
+    def estimates(self) -> Dict[str, Any]:
+        """The same dict as ``slarouter._core.Router.estimates()``."""
+        e = self._refresh()
+        return {
+            "rho": e.rho,
+            "accuracy": list(e.acc),
+            "accuracy_sd": list(e.sd),
+            "accuracy_lcb": list(e.lcb),
+            "accuracy_ucb": list(e.ucb),
+            "cost_mean": list(e.cmean),
+            "cost_norm": list(e.cnorm),
+            "exposure": list(e.exposure),
+            "frontier": list(e.hull),
+            "unsatisfied": e.unsat,
+            "variance": e.var,
+            "margin": e.margin,
+            "target": e.tau,
+            "deficit": e.deficit,
+            "target_now": e.tau_eff,
+            "requests": e.n,
+        }
+
+    def counters(self) -> Dict[str, Any]:
+        """The same dict as ``slarouter._core.Router.counters()``."""
+        return {
+            "requests": self.t,
+            "complaints": self.complaints_total,
+            "late_complaints": self.late_complaints,
+            "audits": self.audits_total,
+            "explored": self.explored,
+            "audited_unsatisfied": self.rho_n,
+            "audited_unsatisfied_complained": self.rho_c,
+            "served": list(self.served),
+            "complaints_per_model": list(self.complaints),
+            "audits_per_model": list(self.audits),
+        }
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _bucket_of(self, rid: int) -> int:
+        return (rid // self.bin_width) % self.nb_ring
+
+    def _learn(self, k: int, s: int, obs: int, y: float) -> None:
+        """One AdaGrad step of model k's predictor on the request in slot s (learn_locked)."""
+        if self.lr <= 0.0:
+            return
+        f = self.slot_feats[s]
+        z = logit(self.acc_cache[k]) + self.dot(k, f)
+        p = sigmoid(z)
+        # g = d(negative log-likelihood) / dz
+        if obs == OBS_LABEL:
+            g = p - y
+        else:
+            rho = self._rho_current()
+            rf = self.rho_false  # not clipped here, unlike in _refresh
+            pi = _min(_max(rho * (1.0 - p) + rf * p, 1e-9), 1.0 - 1e-9)
+            dpi = (rf - rho) * p * (1.0 - p)
+            g = -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi
+        # Features are stepped one after the other: a bucket hit twice is updated twice.
+        for ix, phi in self._feature_terms(k, f):
+            w = float(self.weights[ix])
+            G = float(self.adagrad[ix])
+            gj = g * phi + self.l2 * w
+            Gn = G + gj * gj
+            self.adagrad[ix] = f32(Gn)
+            self.weights[ix] = f32(w - _div(self.lr * gj, _sqrt(self.lambda0 + Gn)))
+
+    def _close(self, rid: int) -> None:
+        """Request ``rid`` leaves its feedback window: silence now counts as no complaint."""
+        s = rid % self.window
+        k = self.slot_model[s]
+        fl = self.slot_flags[s]
+        b = self._bucket_of(rid)
+        self.pend[k][b] -= 1
+        if not fl & COMPLAINED:
+            self.pendnc[k][b] -= 1
+            self._learn(k, s, OBS_COMPLAINT, 0.0)
+        self.closed[k] += 1
+        if (fl & AUDITED) and (fl & AUDIT_UNSAT):
+            self.rho_n += 1
+            if fl & COMPLAINED:
+                self.rho_c += 1
+
+    def _rho_current(self) -> float:
+        """The configured report rate, or the Wilson lower bound from closed audits."""
+        if self.rho_cfg > 0.0:
+            return self.rho_cfg
+        r = self.rho_min
+        if self.rho_n > 0:
+            n = float(self.rho_n)
+            ph = float(self.rho_c) / n
+            z = self.z
+            z2 = z * z
+            centre = (ph + z2 / (2 * n)) / (1 + z2 / n)
+            half = z * _sqrt(ph * (1 - ph) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+            r = _max(r, centre - half)
+        return _min(r, 1.0)
+
+    def _delay_rates(self, tail: int) -> List[float]:
+        """Complaint rate per request in each delay bin (delay_rates)."""
+        B = self.bins
+        wb = float(self.bin_width)
+        N = float(self.t)
+        xs = 0.0
+        es = 0.0
+        expo = []
+        for b in range(B):
+            m = N - b * wb  # requests old enough to show a delay in bin b
+            e = 0.0
+            if m > 0:
+                e = m * (m + 1) / (2 * wb) if m <= wb else (wb + 1) / 2 + m - wb
+            expo.append(e)
+            xs += float(self.delay_hist[b])
+            es += e
+        decay = math.exp(-wb / _max(N, 1.0))
+        prev = _div(xs + 1.0, es + self.delay_prior * B)
+        rate = []
+        for b in range(B):
+            if expo[b] > 0.0 or tail == TAIL_DECAY:
+                r = _div(float(self.delay_hist[b]) + self.delay_prior * prev * decay, expo[b] + self.delay_prior)
+            else:
+                r = 0.0 if tail == TAIL_NONE else prev
+            rate.append(r)
+            prev = r
+        return rate
+
+    @staticmethod
+    def _cdf_at(cum: List[float], total: float, wb: float, age: float) -> float:
+        B = len(cum) - 1
+        if age < 0:
+            age = 0.0
+        x = (age + 1.0) / wb  # bins fully or partly observed
+        if x >= B:
+            return 1.0
+        b = int(x)
+        frac = x - b
+        return _div(cum[b] + frac * (cum[b + 1] - cum[b]), total)
+
+    def _refresh(self) -> Estimates:
+        """Fresh estimates from the current state (refresh_locked); changes nothing."""
+        K = self.K
+        N = float(self.t)
+        e = Estimates(K)
+        e.n = self.t
+        rho = self._rho_current()
+        rf = _min(self.rho_false, 0.5 * rho)
+        e.rho = rho
+
+        # Delay distribution (point estimate and the two bounds) at the age of each live bucket.
+        wb = self.bin_width
+        Fb = [[0.0] * self.nb_ring for _ in range(3)]
+        live = [False] * self.nb_ring
+        lo_id = max(0, self.t - self.window)
+        for tail in range(3):
+            rate = self._delay_rates(tail)
+            cum = [0.0]
+            for r in rate:
+                cum.append(cum[-1] + r)
+            if self.t == 0:
+                continue
+            for rb in range(lo_id // wb, (self.t - 1) // wb + 1):
+                lo = max(rb * wb, lo_id)
+                hi = min((rb + 1) * wb - 1, self.t - 1)
+                age = (N - 1.0) - 0.5 * float(lo + hi)
+                ring = rb % self.nb_ring
+                Fb[tail][ring] = self._cdf_at(cum, cum[-1], float(wb), age)
+                live[ring] = True
+
+        # Per-model accuracy from complaint counts (exposure-weighted) and audits.
+        epend = 0.0
+        prem = 0.0
+        nexp = 0.0
+        for k in range(K):
+            p0 = 0.5 if math.isnan(self.prior[k]) else self.prior[k]
+            m0 = self.prior_weight / rho
+            q0 = rho * (1.0 - p0) + rf * p0
+
+            def estimate(n: float) -> Tuple[float, float]:
+                """Accuracy and its variance given an exposure n."""
+                c = float(self.complaints[k])
+                q = _min(_max(_div(c + m0 * q0, n + m0), 1e-9), 1.0 - 1e-9)
+                a = (rho - q) / (rho - rf)
+                v = _div(q * (1.0 - q), n + m0) / ((rho - rf) * (rho - rf))
+                if self.audits[k] > 0:
+                    na = float(self.audits[k])
+                    aa = (float(self.audits_sat[k]) + 1.0) / (na + 2.0)
+                    va = aa * (1.0 - aa) / (na + 2.0)
+                    wc = 1.0 / _max(v, 1e-12)
+                    wa = 1.0 / _max(va, 1e-12)
+                    a = (wc * a + wa * aa) / (wc + wa)
+                    v = 1.0 / (wc + wa)
+                return _min(_max(a, 0.0), 1.0), v
+
+            n3 = []
+            for tail in range(3):
+                n = float(self.closed[k])
+                for r in range(self.nb_ring):
+                    if live[r]:
+                        n += float(self.pend[k][r]) * Fb[tail][r]
+                n3.append(n)
+            e.exposure[k] = n3[TAIL_DECAY]
+            nexp += n3[TAIL_DECAY]
+            a, var = estimate(n3[TAIL_DECAY])
+            a_lo, var_lo = estimate(n3[TAIL_FLAT])
+            a_hi, var_hi = estimate(n3[TAIL_NONE])
+            e.acc[k] = a
+            e.sd[k] = _sqrt(var)
+            # The bounds carry both the sampling error and the uncertainty about late complaints.
+            e.lcb[k] = _max(a_lo - self.z_lcb * _sqrt(var_lo), 0.0)
+            e.ucb[k] = a_hi + self.z_ucb * _sqrt(var_hi)  # not clipped
+            for r in range(self.nb_ring):
+                if not live[r]:
+                    continue
+                nc = float(self.pendnc[k][r])
+                if nc == 0.0:
+                    continue
+                F = Fb[TAIL_DECAY][r]
+                u = 1.0 - a
+                epend += nc * u * (1.0 - F) / _max(1.0 - rho * u * F, 1e-9)
+                prem += nc * (1.0 - F)
+            e.cmean[k] = (self.cost[k] + self.cost_sum[k]) / (1.0 + float(self.cost_n[k]))
+        cmax = max(e.cmean)
+        for k in range(K):
+            e.cnorm[k] = e.cmean[k] / cmax if cmax > 0 else 0.0
+
+        # SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
+        complaints = float(self.complaints_total)
+        e.unsat = _min(N, _max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend)
+        ubar = _div(e.unsat + self.unsat_prior * (1.0 - self.alpha), N + self.unsat_prior)
+        e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar)
+        e.margin = self.z * _sqrt(e.var) / N if N > 0 else 1.0
+        e.tau = _min(1.0, self.alpha + _max(e.margin, 0.0))
+        e.deficit = e.unsat - (1.0 - e.tau) * N
+        H = _max(self.payback_min, _min(N, self.payback / rho))
+        e.tau_eff = e.tau + _div(e.deficit, H)
+        # Optimistic frontier: which models could be worth mixing.
+        e.hull = frontier(e.cnorm, e.ucb)
+        return e
+
+    def _most_accurate(self, e: Estimates, cost_weight: float) -> int:
+        """Largest optimistic accuracy, a unit of normalised cost worth cost_weight of it."""
+        best = 0
+        bs = e.ucb[0] - cost_weight * e.cnorm[0]
+        for k in range(1, self.K):
+            sc = e.ucb[k] - cost_weight * e.cnorm[k]
+            if sc > bs or (sc == bs and e.cnorm[k] < e.cnorm[best]):
+                best = k
+                bs = sc
+        return best
+
+    def _decide(self, e: Estimates, f: Features, cost: Optional[List[float]], u1: float,
+                u2: float) -> Tuple[int, bool]:
+        """The per-request decision (decide_locked): (model, explored)."""
+        N = float(e.n)
+        te = e.tau_eff
+        h = e.hull
+        valve = e.deficit > self.valve * (e.margin * N + 1.0 / e.rho)
+        if valve or te >= e.ucb[h[-1]]:
+            # Serve the model most likely to be the most accurate; with probability eps try one
+            # that could be better.
+            self.branch_counts["valve" if valve else "unreachable"] += 1
+            best = self._most_accurate(e, 0.0 if valve else self.top_cost)
+            eps = _min(self.eps_max, self.eps_c * math.pow(N + 1.0, -1.0 / 3.0))
+            if u1 < eps:
+                cand = [k for k in range(self.K) if k != best and e.ucb[k] > e.acc[best]]
+                if cand:
+                    self.branch_counts["explore"] += 1
+                    return cand[min(len(cand) - 1, int(u2 * len(cand)))], True
+            return best, False
+        if te <= e.ucb[h[0]]:
+            self.branch_counts["cheapest"] += 1
+            return h[0], False
+        # The frontier segment (i, j) that contains the target.
+        s = 1
+        while e.ucb[h[s]] < te:
+            s += 1
+        i, j = h[s - 1], h[s]
+        # Cautious weight of j.
+        w = 1.0
+        if e.lcb[j] > e.lcb[i]:
+            w = _min(1.0, _max(0.0, (te - e.lcb[i]) / (e.lcb[j] - e.lcb[i])))
+        if w <= 0.0:
+            self.branch_counts["pair_i"] += 1
+            return i, False
+        if w >= 1.0:
+            self.branch_counts["pair_j"] += 1
+            return j, False
+        # Per-request evidence tilts it.
+        adv = self._advantage(e, f, cost, i, j)
+        self.branch_counts["mix" if adv == 0.0 else "mix_tilted"] += 1
+        pj = w if adv == 0.0 else sigmoid(logit(w) + self.tilt * adv)
+        return (j if u2 < pj else i), False
+
+    def _advantage(self, e: Estimates, f: Features, cost: Optional[List[float]], i: int, j: int) -> float:
+        """How much better than usual j looks relative to i for this request (advantage)."""
+        if self.tilt <= 0.0:
+            return 0.0
+        gap = _max(e.acc[j] - e.acc[i], 1e-3)
+        bj = self.beta * self.spread(j, f) if self.beta > 0.0 else 0.0
+        bi = self.beta * self.spread(i, f) if self.beta > 0.0 else 0.0
+        dj = sigmoid(logit(e.acc[j]) + self.dot(j, f) + bj) - e.acc[j]
+        di = sigmoid(logit(e.acc[i]) + self.dot(i, f) + bi) - e.acc[i]
+        adv = (dj - di) / gap
+        if cost is not None:
+            dc = e.cmean[j] - e.cmean[i]
+            if dc > 0:
+                adv -= ((cost[j] - cost[i]) - dc) / dc
+        return adv
