@@ -4,7 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <thread>
+
 #include "slarouter/features.hpp"
+#include "slarouter/parallel.hpp"
 #include "slarouter/replay.hpp"
 #include "slarouter/router.hpp"
 
@@ -46,7 +49,443 @@ py::tuple hash_text_py(const std::string& text, int bits, int max_features) {
     return py::make_tuple(idx[py::slice(0, n, 1)], val[py::slice(0, n, 1)]);
 }
 
+void hash_rows(const std::vector<std::string>& texts, const Config& cfg, int threads, std::vector<std::int64_t>& indptr,
+               std::vector<std::int32_t>& idx, std::vector<float>& val) {
+    const std::int64_t B = static_cast<std::int64_t>(texts.size());
+    const std::size_t cap = static_cast<std::size_t>(cfg.max_features);
+    std::vector<std::int32_t> tmp_idx(static_cast<std::size_t>(B) * cap);
+    std::vector<float> tmp_val(static_cast<std::size_t>(B) * cap);
+    std::vector<std::int32_t> nnz(static_cast<std::size_t>(B));
+    parallel_for(B, threads, [&](std::int64_t lo, std::int64_t hi) {
+        for (std::int64_t r = lo; r < hi; ++r) {
+            const std::string& t = texts[static_cast<std::size_t>(r)];
+            nnz[r] = hash_text(t.data(), t.size(), cfg.hash_bits, cfg.max_features, tmp_idx.data() + r * cap,
+                               tmp_val.data() + r * cap);
+        }
+    });
+    indptr.assign(static_cast<std::size_t>(B) + 1, 0);
+    for (std::int64_t r = 0; r < B; ++r) indptr[r + 1] = indptr[r] + nnz[r];
+    idx.resize(static_cast<std::size_t>(indptr[B]));
+    val.resize(static_cast<std::size_t>(indptr[B]));
+    for (std::int64_t r = 0; r < B; ++r) {
+        std::copy(tmp_idx.begin() + r * cap, tmp_idx.begin() + r * cap + nnz[r], idx.begin() + indptr[r]);
+        std::copy(tmp_val.begin() + r * cap, tmp_val.begin() + r * cap + nnz[r], val.begin() + indptr[r]);
+    }
+}
+
 }  // namespace
+
+// The Router as Python sees it: the native core plus what the hot path needs to answer in
+// Python terms without a Python-level wrapper (model names, the Decision type, the error
+// types, and the slow validators that build clear errors for unusual inputs).
+class PyRouter : public Router {
+public:
+    PyRouter(const Config& cfg, py::list names, py::object decision_type, py::object unknown_error,
+             py::object duplicate_error, py::object check_features, py::object check_cost)
+        : Router(cfg),
+          decision_type_(std::move(decision_type)),
+          unknown_error_(std::move(unknown_error)),
+          duplicate_error_(std::move(duplicate_error)),
+          check_features_(std::move(check_features)),
+          check_cost_(std::move(check_cost)) {
+        if (static_cast<int>(names.size()) != cfg.n_models) throw std::invalid_argument("one name per model");
+        for (auto n : names) names_.push_back(py::reinterpret_borrow<py::object>(n));
+        if (!PyType_Check(decision_type_.ptr()) ||
+            !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(decision_type_.ptr()), &PyTuple_Type))
+            throw std::invalid_argument("decision_type must be a tuple subclass");
+    }
+
+    py::object route_py(py::handle x, py::handle cost) {
+        const Config& cfg = config();
+        DoubleArray carr;
+        const double* c = nullptr;
+        if (!cost.is_none()) {
+            carr = py::reinterpret_steal<DoubleArray>(check_cost_(cost).release());
+            c = carr.data();
+        }
+        Decision d;
+        if (cfg.dim == 0) {
+            if (!PyUnicode_Check(x.ptr())) check_features_(x);  // raises the clear error
+            Py_ssize_t len = 0;
+            const char* text = PyUnicode_AsUTF8AndSize(x.ptr(), &len);
+            if (text == nullptr) throw py::error_already_set();
+            py::gil_scoped_release nogil;
+            thread_local std::vector<std::int32_t> idx;
+            thread_local std::vector<float> val;
+            if (idx.size() < static_cast<std::size_t>(cfg.max_features)) {
+                idx.resize(cfg.max_features);
+                val.resize(cfg.max_features);
+            }
+            FeatureView f;
+            f.nnz = hash_text(text, static_cast<std::size_t>(len), cfg.hash_bits, cfg.max_features, idx.data(), val.data());
+            f.idx = idx.data();
+            f.val = val.data();
+            d = route(f, c);
+        } else {
+            py::object keep;
+            const float* p = fast_dense(x);
+            if (p == nullptr) {
+                keep = check_features_(x);
+                p = fast_dense(keep);
+                if (p == nullptr) throw std::runtime_error("feature check returned an unusable array");
+            }
+            py::gil_scoped_release nogil;
+            FeatureView f;
+            f.dense = p;
+            f.nnz = cfg.dim;
+            d = route(f, c);
+        }
+        return make_decision(d);
+    }
+
+    py::object complain_py(py::handle request_id) {
+        const std::int64_t id = as_id(request_id);
+        int st;
+        {
+            py::gil_scoped_release nogil;
+            st = complain(id);
+        }
+        return answer(st, id, "complaint");
+    }
+
+    py::object audit_py(py::handle request_id, py::handle satisfied) {
+        const std::int64_t id = as_id(request_id);
+        bool sat;
+        if (satisfied.ptr() == Py_True || satisfied.ptr() == Py_False) {
+            sat = satisfied.ptr() == Py_True;
+        } else {
+            const std::string tn = py::str(py::type::handle_of(satisfied).attr("__name__"));
+            if (tn == "bool_") {
+                sat = satisfied.cast<bool>();
+            } else if (PyLong_CheckExact(satisfied.ptr()) && (PyLong_AsLong(satisfied.ptr()) == 0 || PyLong_AsLong(satisfied.ptr()) == 1)) {
+                sat = PyLong_AsLong(satisfied.ptr()) == 1;
+            } else {
+                throw py::type_error("satisfied must be a bool, got " + std::string(py::repr(satisfied)));
+            }
+        }
+        int st;
+        {
+            py::gil_scoped_release nogil;
+            st = audit(id, sat);
+        }
+        return answer(st, id, "audit");
+    }
+
+    py::object observe_cost_py(py::handle request_id, py::handle cost) {
+        const std::int64_t id = as_id(request_id);
+        if (PyBool_Check(cost.ptr()) || !(PyFloat_Check(cost.ptr()) || PyLong_Check(cost.ptr()) ||
+                                          PyObject_HasAttrString(cost.ptr(), "__float__")))
+            throw py::type_error("cost must be a real number, got " + std::string(py::str(py::type::handle_of(cost).attr("__name__"))));
+        const double c = cost.cast<double>();
+        if (!std::isfinite(c)) throw py::value_error("cost must be finite, got " + std::to_string(c));
+        if (c < 0) throw py::value_error("cost must be >= 0, got " + std::to_string(c));
+        int st;
+        {
+            py::gil_scoped_release nogil;
+            st = observe_cost(id, c);
+        }
+        return answer(st, id, "cost");
+    }
+
+    // route_batch on the C++ backend: all three phases with the GIL released; rows are
+    // decided in parallel by `threads` threads (0: hardware concurrency).
+    py::tuple route_batch_py(py::handle X, py::handle cost, py::handle out, int threads) {
+        const Config& cfg = config();
+        const int K = cfg.n_models;
+        std::vector<std::string> texts;
+        FloatArray xa;
+        std::int64_t B;
+        if (cfg.dim == 0) {
+            py::sequence seq = py::reinterpret_borrow<py::sequence>(X);
+            B = static_cast<std::int64_t>(seq.size());
+            texts.reserve(static_cast<std::size_t>(B));
+            for (std::int64_t r = 0; r < B; ++r) {
+                py::handle h = seq[static_cast<std::size_t>(r)];
+                if (!PyUnicode_Check(h.ptr()))
+                    throw py::type_error("this router hashes prompt text: every row must be a str, row " + std::to_string(r) +
+                                         " is " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+                texts.push_back(h.cast<std::string>());
+            }
+        } else {
+            xa = py::reinterpret_borrow<FloatArray>(X);
+            B = xa.shape(0);
+        }
+        DoubleArray ca;
+        const double* c = nullptr;
+        if (!cost.is_none()) {
+            ca = py::reinterpret_borrow<DoubleArray>(cost);
+            c = ca.data();
+        }
+        Int64Array ids;
+        Int32Array models;
+        if (out.is_none()) {
+            ids = Int64Array(B);
+            models = Int32Array(B);
+        } else {
+            py::tuple t = py::reinterpret_borrow<py::tuple>(out);
+            ids = py::reinterpret_borrow<Int64Array>(t[0]);
+            models = py::reinterpret_borrow<Int32Array>(t[1]);
+        }
+        std::int64_t* idp = ids.mutable_data();
+        std::int32_t* mp = models.mutable_data();
+        const float* xp = cfg.dim ? xa.data() : nullptr;
+        {
+            py::gil_scoped_release nogil;
+            // Hash text rows up front (in parallel) so every phase sees CSR features.
+            std::vector<std::int64_t> indptr;
+            std::vector<std::int32_t> idx;
+            std::vector<float> val;
+            if (cfg.dim == 0) hash_rows(texts, cfg, threads, indptr, idx, val);
+            auto row = [&](std::int64_t r) {
+                FeatureView f;
+                if (cfg.dim) {
+                    f.dense = xp + r * cfg.dim;
+                    f.nnz = cfg.dim;
+                } else {
+                    f.idx = idx.data() + indptr[r];
+                    f.val = val.data() + indptr[r];
+                    f.nnz = static_cast<int>(indptr[r + 1] - indptr[r]);
+                }
+                return f;
+            };
+            std::lock_guard<std::mutex> lock(mutex());
+            const BatchStart st = batch_begin_locked(B);
+            std::vector<std::uint8_t> expl(static_cast<std::size_t>(B), 0);
+            parallel_for(B, threads, [&](std::int64_t lo, std::int64_t hi) {
+                for (std::int64_t r = lo; r < hi; ++r) {
+                    bool e = false;
+                    const double u1 = draw(st.rng, static_cast<std::uint64_t>(2 * r + 1));
+                    const double u2 = draw(st.rng, static_cast<std::uint64_t>(2 * r + 2));
+                    mp[r] = decide_row(st.plan, row(r), c ? c + r * K : nullptr, u1, u2, &e);
+                    expl[static_cast<std::size_t>(r)] = e ? 1 : 0;
+                    idp[r] = st.first_id + r;
+                }
+            });
+            batch_commit_locked(B, mp, expl.data(), row, nullptr);
+        }
+        return py::make_tuple(ids, models);
+    }
+
+    // Complaints for many requests: every id is checked first, so an unknown id or a
+    // duplicate (within the batch or with an earlier complaint) raises and changes nothing.
+    // Returns, per id, True when applied and False when its window had closed.
+    py::array_t<bool> complain_batch_py(Int64Array ids) {
+        const std::int64_t n = ids.shape(0);
+        const std::int64_t* p = ids.data();
+        py::array_t<bool> out(n);
+        bool* o = out.mutable_data();
+        int bad = kApplied;
+        std::int64_t bad_id = 0;
+        {
+            py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lock(mutex());
+            std::vector<std::int64_t> seen(p, p + n);
+            std::sort(seen.begin(), seen.end());
+            for (std::int64_t a = 0; a + 1 < n; ++a)
+                if (seen[a] == seen[a + 1] && check_id_locked(seen[a]) == kApplied) {
+                    bad = kDuplicate;
+                    bad_id = seen[a];
+                    break;
+                }
+            for (std::int64_t a = 0; a < n && bad == kApplied; ++a) {
+                const int st = complaint_status_locked(p[a]);
+                if (st == kUnknown || st == kDuplicate) {
+                    bad = st;
+                    bad_id = p[a];
+                }
+            }
+            if (bad == kApplied)
+                for (std::int64_t a = 0; a < n; ++a) o[a] = complain_locked(p[a]) == kApplied;
+        }
+        if (bad != kApplied) answer(bad, bad_id, "complaint");
+        return out;
+    }
+
+    // Phase 1 for a Python-side kernel (Numba, CuPy): takes the router's lock and returns the
+    // frozen plan. The caller must call batch_commit or batch_abort next, from this thread.
+    py::dict batch_begin_py(std::int64_t B) {
+        {
+            py::gil_scoped_release nogil;
+            mutex().lock();
+        }
+        try {
+            held_ = true;
+            const BatchStart st = batch_begin_locked(B);
+            const Plan& p = st.plan;
+            const Estimates& e = estimates_in_use();
+            py::dict d;
+            d["regime"] = p.regime;
+            d["model"] = p.model;
+            d["eps"] = p.eps;
+            d["cand"] = Int32Array(p.ncand, p.cand);
+            d["i"] = p.i;
+            d["j"] = p.j;
+            d["w"] = p.w;
+            d["rng"] = st.rng;
+            d["first_id"] = st.first_id;
+            const Config& cfg = config();
+            d["tilt"] = cfg.tilt;
+            d["beta"] = cfg.beta;
+            d["lambda0"] = cfg.lambda0;
+            d["acc_i"] = e.acc.empty() ? 0.5 : e.acc[p.i];
+            d["acc_j"] = e.acc.empty() ? 0.5 : e.acc[p.j];
+            d["cmean_i"] = e.cmean.empty() ? 0.0 : e.cmean[p.i];
+            d["cmean_j"] = e.cmean.empty() ? 0.0 : e.cmean[p.j];
+            if (cfg.dim) {
+                d["w_i"] = weight_row(p.i, false);
+                d["w_j"] = weight_row(p.j, false);
+                d["g_i"] = weight_row(p.i, true);
+                d["g_j"] = weight_row(p.j, true);
+                d["weights"] = all_weights();
+                d["acc"] = e.acc;
+                d["rho"] = st.rho;
+                d["rho_false"] = cfg.rho_false;
+            }
+            return d;
+        } catch (...) {
+            held_ = false;
+            mutex().unlock();
+            throw;
+        }
+    }
+
+    // Phase 3 for a Python-side kernel: records the rows and releases the lock. `tail` holds
+    // the features of the last min(B, window) rows (those that stay pending); `grad` the summed
+    // silent-step gradients (models x dim) of the rows that close within the batch, or None.
+    void batch_commit_py(Int32Array models, py::array_t<std::uint8_t, py::array::c_style> explored, FloatArray tail,
+                         py::handle grad) {
+        if (!held_) throw std::runtime_error("batch_commit without batch_begin");
+        const Config& cfg = config();
+        const std::int64_t B = models.shape(0);
+        const std::int64_t n_inner = std::max<std::int64_t>(0, B - cfg.window);
+        DoubleArray ga;
+        const double* g = nullptr;
+        if (!grad.is_none()) {
+            ga = py::reinterpret_borrow<DoubleArray>(grad);
+            g = ga.data();
+        } else if (n_inner > 0 && cfg.lr > 0.0) {
+            held_ = false;
+            mutex().unlock();
+            throw std::invalid_argument("grad is required when rows close within the batch");
+        }
+        const float* tp = tail.data();
+        const std::int32_t* mp = models.data();
+        const std::uint8_t* ep = explored.data();
+        for (std::int64_t r = 0; r < B; ++r) {
+            if (mp[r] < 0 || mp[r] >= cfg.n_models) {
+                held_ = false;
+                mutex().unlock();
+                throw std::invalid_argument("model index out of range in batch_commit");
+            }
+        }
+        {
+            py::gil_scoped_release nogil;
+            auto row = [&](std::int64_t r) {
+                FeatureView f;
+                f.dense = tp + (r - n_inner) * cfg.dim;
+                f.nnz = cfg.dim;
+                return f;
+            };
+            batch_commit_locked(B, mp, ep, row, g);
+        }
+        held_ = false;
+        mutex().unlock();
+    }
+
+    void batch_abort_py() {
+        if (!held_) return;
+        held_ = false;
+        mutex().unlock();
+    }
+
+    const std::vector<py::object>& names() const { return names_; }
+    py::object make_decision(const Decision& d) const {
+        PyTypeObject* T = reinterpret_cast<PyTypeObject*>(decision_type_.ptr());
+        PyObject* o = T->tp_alloc(T, 3);
+        if (o == nullptr) throw py::error_already_set();
+        PyObject* rid = PyLong_FromLongLong(d.request_id);
+        PyObject* idx = PyLong_FromLong(d.model);
+        if (rid == nullptr || idx == nullptr) {
+            Py_XDECREF(rid);
+            Py_XDECREF(idx);
+            Py_DECREF(o);
+            throw py::error_already_set();
+        }
+        PyObject* name = names_[d.model].ptr();
+        Py_INCREF(name);
+        PyTuple_SET_ITEM(o, 0, rid);
+        PyTuple_SET_ITEM(o, 1, name);
+        PyTuple_SET_ITEM(o, 2, idx);
+        return py::reinterpret_steal<py::object>(o);
+    }
+
+private:
+    // A float32, C-contiguous, 1-D array of the right length with finite values, or null.
+    const float* fast_dense(py::handle x) const {
+        if (!py::isinstance<FloatArray>(x)) return nullptr;
+        auto arr = py::reinterpret_borrow<py::array>(x);
+        if (!arr.dtype().is(py::dtype::of<float>()) || arr.ndim() != 1 || arr.shape(0) != config().dim ||
+            !(arr.flags() & py::array::c_style))
+            return nullptr;
+        const float* p = static_cast<const float*>(arr.data());
+        for (int j = 0; j < config().dim; ++j)
+            if (!std::isfinite(p[j])) return nullptr;
+        return p;
+    }
+
+    static std::int64_t as_id(py::handle h) {
+        if (PyLong_CheckExact(h.ptr())) {
+            const long long v = PyLong_AsLongLong(h.ptr());
+            if (v == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return -1;  // out of range: never issued
+            }
+            return v;
+        }
+        if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
+            throw py::type_error("request_id must be an int, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+        PyObject* v = PyNumber_Index(h.ptr());
+        if (v == nullptr) throw py::error_already_set();
+        const long long r = PyLong_AsLongLong(v);
+        Py_DECREF(v);
+        if (r == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        return r;
+    }
+
+    py::object answer(int status, std::int64_t id, const char* what) const {
+        if (status == kApplied) return py::bool_(true);
+        if (status == kClosed) return py::bool_(false);
+        std::string msg;
+        py::object type;
+        if (status == kUnknown) {
+            msg = "unknown request id " + std::to_string(id) + ": this router never issued it";
+            type = unknown_error_;
+        } else {
+            msg = "request " + std::to_string(id) + " already has a " + what;
+            type = duplicate_error_;
+        }
+        PyErr_SetObject(type.ptr(), py::str(msg).ptr());
+        throw py::error_already_set();
+    }
+
+    FloatArray weight_row(int k, bool accumulators) const {
+        const Config& cfg = config();
+        const float* src = (accumulators ? adagrad_data() : weights_data()) + static_cast<std::size_t>(k) * cfg.dim;
+        return FloatArray(cfg.dim, src);
+    }
+
+    FloatArray all_weights() const {
+        const Config& cfg = config();
+        return FloatArray({cfg.n_models, cfg.dim}, weights_data());
+    }
+
+    bool held_ = false;
+    std::vector<py::object> names_;
+    py::object decision_type_, unknown_error_, duplicate_error_, check_features_, check_cost_;
+};
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "slarouter native core (private; use the slarouter package)";
@@ -82,7 +521,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("delay_prior", &Config::delay_prior)
         .def_readwrite("unsat_prior", &Config::unsat_prior)
         .def_readwrite("top_cost", &Config::top_cost)
-        .def_readwrite("valve", &Config::valve);
+        .def_readwrite("valve", &Config::valve)
+        .def_readwrite("refresh", &Config::refresh);
 
     m.attr("APPLIED") = static_cast<int>(kApplied);
     m.attr("CLOSED") = static_cast<int>(kClosed);
@@ -92,66 +532,26 @@ PYBIND11_MODULE(_core, m) {
     m.def("hash_text", &hash_text_py, py::arg("text"), py::arg("bits"), py::arg("max_features"),
           "Hashed unigram+bigram features of a text: (indices int32, values float32).");
 
-    py::class_<Router>(m, "Router")
-        .def(py::init<const Config&>(), py::arg("config"))
-        .def("route_dense",
-             [](Router& r, FloatArray x, py::object cost) {
-                 const double* c = nullptr;
-                 DoubleArray ca;
-                 if (!cost.is_none()) {
-                     ca = cost.cast<DoubleArray>();
-                     c = ca.data();
-                 }
-                 const float* p = x.data();
-                 Decision d;
-                 {
-                     py::gil_scoped_release nogil;
-                     FeatureView f;
-                     f.dense = p;
-                     f.nnz = r.config().dim;
-                     d = r.route(f, c);
-                 }
-                 return py::make_tuple(d.request_id, d.model);
-             },
-             py::arg("x").noconvert(), py::arg("cost") = py::none())
-        .def("route_text",
-             [](Router& r, const std::string& text, py::object cost) {
-                 const double* c = nullptr;
-                 DoubleArray ca;
-                 if (!cost.is_none()) {
-                     ca = cost.cast<DoubleArray>();
-                     c = ca.data();
-                 }
-                 Decision d;
-                 {
-                     py::gil_scoped_release nogil;
-                     const Config& cfg = r.config();
-                     std::vector<std::int32_t> idx(cfg.max_features);
-                     std::vector<float> val(cfg.max_features);
-                     FeatureView f;
-                     f.nnz = hash_text(text.data(), text.size(), cfg.hash_bits, cfg.max_features, idx.data(), val.data());
-                     f.idx = idx.data();
-                     f.val = val.data();
-                     d = r.route(f, c);
-                 }
-                 return py::make_tuple(d.request_id, d.model);
-             },
-             py::arg("text"), py::arg("cost") = py::none())
-        .def("complain", [](Router& r, std::int64_t id) {
-                 py::gil_scoped_release nogil;
-                 return r.complain(id);
-             })
-        .def("audit", [](Router& r, std::int64_t id, bool sat) {
-                 py::gil_scoped_release nogil;
-                 return r.audit(id, sat);
-             })
-        .def("observe_cost", [](Router& r, std::int64_t id, double c) {
-                 py::gil_scoped_release nogil;
-                 return r.observe_cost(id, c);
-             })
-        .def("estimates", [](const Router& r) { return estimates_dict(r.estimates()); })
+    py::class_<PyRouter>(m, "Router")
+        .def(py::init<const Config&, py::list, py::object, py::object, py::object, py::object, py::object>(),
+             py::arg("config"), py::arg("names"), py::arg("decision_type"), py::arg("unknown_error"),
+             py::arg("duplicate_error"), py::arg("check_features"), py::arg("check_cost"))
+        .def("route", &PyRouter::route_py, py::arg("x"), py::kw_only(), py::arg("cost") = py::none(),
+             "Pick the model for one request (see slarouter.Router.route).")
+        .def("complain", &PyRouter::complain_py, py::arg("request_id"))
+        .def("audit", &PyRouter::audit_py, py::arg("request_id"), py::arg("satisfied"))
+        .def("observe_cost", &PyRouter::observe_cost_py, py::arg("request_id"), py::arg("cost"))
+        .def("route_batch", &PyRouter::route_batch_py, py::arg("X"), py::arg("cost"), py::arg("out"),
+             py::arg("threads") = 0)
+        .def("complain_batch", &PyRouter::complain_batch_py, py::arg("ids"))
+        .def("batch_begin", &PyRouter::batch_begin_py, py::arg("B"))
+        .def("batch_commit", &PyRouter::batch_commit_py, py::arg("models"), py::arg("explored"), py::arg("tail"),
+             py::arg("grad"))
+        .def("batch_abort", &PyRouter::batch_abort_py)
+        .def_static("uniform_draw", &Router::draw, py::arg("state"), py::arg("i"))
+        .def("estimates", [](const PyRouter& r) { return estimates_dict(r.estimates()); })
         .def("counters",
-             [](const Router& r) {
+             [](const PyRouter& r) {
                  const auto c = r.counters();
                  py::dict d;
                  d["requests"] = c.requests;
@@ -166,10 +566,10 @@ PYBIND11_MODULE(_core, m) {
                  d["audits_per_model"] = c.audits_per_model;
                  return d;
              })
-        .def("save_state", [](const Router& r) { return py::bytes(r.save_state()); })
-        .def("load_state", [](Router& r, py::bytes b) { r.load_state(std::string(b)); })
+        .def("save_state", [](const PyRouter& r) { return py::bytes(r.save_state()); })
+        .def("load_state", [](PyRouter& r, py::bytes b) { r.load_state(std::string(b)); })
         .def("replay",
-             [](Router& r, Int32Array row, FloatArray sat, DoubleArray cost, DoubleArray u_sat,
+             [](PyRouter& r, Int32Array row, FloatArray sat, DoubleArray cost, DoubleArray u_sat,
                 DoubleArray u_report, Int32Array delay, double rho, py::object u_audit, double audit_rate,
                 bool pass_cost, py::object dense, py::object indptr, py::object indices, py::object values) {
                  ReplayStream s;

@@ -33,16 +33,19 @@ def test_llama3_stream_keeps_sla_and_beats_the_largest_model(llama):
     assert len(worst) == 8 * 3 * 5
 
 
-def test_short_streams_report(llama):
-    """Each benchmark once in random order: the router meets the SLA in most runs (these short
-    streams carry few complaints; docs/RESULTS.md gives the full figures)."""
+def test_short_streams_meet_the_sla_in_most_runs(llama):
+    """Each benchmark once in random order (651 to 3,270 requests) with every complaint reported:
+    these short streams carry little evidence, so the check is pooled (docs/RESULTS.md gives the
+    full figures): most runs meet the SLA and satisfaction is on target on average."""
     ds, feats = llama
-    met = []
+    met, gap = [], []
     for bench in ds.benchmarks:
         for alpha in ds.sla_levels(bench):
-            stream = make_stream(ds, bench, "short", 0)
-            ctx = RunContext(ds, stream, alpha, 1.0, features=feats, list_cost=ds.cost.mean(axis=0))
-            run = run_policy("slarouter", ctx)
-            met.append(run["sla_met"])
-            assert run["satisfaction"] >= alpha - 0.05, (bench, alpha)
-    assert np.mean(met) >= 0.6
+            for seed in range(3):
+                stream = make_stream(ds, bench, "short", seed)
+                ctx = RunContext(ds, stream, alpha, 1.0, features=feats, list_cost=ds.cost.mean(axis=0))
+                run = run_policy("slarouter", ctx)
+                met.append(run["sla_met"])
+                gap.append(run["satisfaction"] - alpha)
+    assert np.mean(met) >= 0.7
+    assert np.mean(gap) >= -0.002

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <stdexcept>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "features.hpp"
+#include "parallel.hpp"
 #include "rng.hpp"
 
 namespace slarouter {
@@ -56,6 +58,7 @@ struct Config {
     double unsat_prior = 10.0;  // pseudo-requests behind the unsatisfied rate in the margin
     double top_cost = 0.02;     // accuracy a unit of normalised cost is worth when no mix certifies
     double valve = 1.0;         // safety valve: deficit above valve * (margin * requests + 1/rho)
+    int refresh = 16;           // estimates are recomputed every `refresh` requests
 
     std::int64_t bin_width() const { return window / bins; }
     bool hashed() const { return dim == 0; }
@@ -85,7 +88,32 @@ struct Estimates {
     std::vector<double> acc, sd, lcb, ucb, cnorm, cmean, exposure;
     std::vector<int> hull;  // optimistic frontier on (cnorm, ucb), cheapest first
     double unsat = 0.0, var = 0.0, margin = 0.0, tau = 0.0, deficit = 0.0, tau_eff = 0.0;
+    double payback = 1.0;         // deficit payback horizon H
+    double rho_false = 0.0;       // false-complaint rate in use
+    std::int64_t n = 0;           // requests routed when computed
+    std::int64_t complaints = 0;  // complaints received when computed
+};
+
+// The dual state for the next decision: the estimates' queue advanced to the present by the
+// specification's two-step rule (alpha_t - 1 per request routed, 1/rho per complaint).
+struct Dual {
+    double deficit = 0.0, tau_eff = 0.0, eps = 0.0;
+    bool valve = false;
     std::int64_t n = 0;
+};
+
+constexpr int kMaxModels = 256;
+
+// What the dual state decides for every request until it changes (Router::plan_locked).
+struct Plan {
+    enum Regime : int { kServeBest = 0, kServeOne = 1, kMix = 2 };
+    int regime = kServeOne;
+    int model = 0;              // kServeBest, kServeOne: the model served
+    double eps = 0.0;           // kServeBest: exploration probability ...
+    int ncand = 0;              // ... over these candidates
+    int cand[kMaxModels] = {};
+    int i = 0, j = 0;           // kMix: the pair, cheaper first
+    double w = 0.0;             // kMix: base probability of j
 };
 
 // A request's features, either dense or sparse, as seen by the scoring code.
@@ -95,8 +123,6 @@ struct FeatureView {
     const float* val = nullptr;
     int nnz = 0;
 };
-
-constexpr int kMaxModels = 256;
 
 inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 inline double logit(double p) {
@@ -140,6 +166,9 @@ public:
     }
 
     const Config& config() const { return cfg_; }
+    const Estimates& estimates_in_use() const { return est_; }
+    const float* weights_data() const { return weights_.data(); }
+    const float* adagrad_data() const { return adagrad_.data(); }
     std::mutex& mutex() const { return mu_; }
 
     // ---- routing -------------------------------------------------------------------------
@@ -150,14 +179,17 @@ public:
 
     Decision route_locked(const FeatureView& f, const double* cost) {
         const std::int64_t id = t_;
-        if (id >= cfg_.window) close_locked(id - cfg_.window);
-        Estimates& e = est_;
-        refresh_locked(e);
-        acc_cache_ = e.acc;
+        close_before_locked(id + 1 - cfg_.window);
+        if (t_ >= next_refresh_) {
+            refresh_locked(est_);
+            acc_cache_ = est_.acc;
+            next_refresh_ = t_ + cfg_.refresh;
+        }
+        const Plan plan = plan_locked(est_, dual_locked());
         const double u1 = uniform01(rng_);
         const double u2 = uniform01(rng_);
         bool explored = false;
-        const int k = decide_locked(e, f, cost, u1, u2, &explored);
+        const int k = decide_row(plan, f, cost, u1, u2, &explored);
         // Record the pending request.
         const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
         slot_model_[s] = k;
@@ -182,6 +214,13 @@ public:
         if (id < 0 || id >= t_) return kUnknown;
         if (id < t_ - cfg_.window) return kClosed;
         return kApplied;
+    }
+
+    // What complain_locked would answer, without changing anything.
+    int complaint_status_locked(std::int64_t id) const {
+        const int st = check_id_locked(id);
+        if (st != kApplied) return st;
+        return (slot_flags_[static_cast<std::size_t>(id % cfg_.window)] & kComplained) ? kDuplicate : kApplied;
     }
 
     int complain_locked(std::int64_t id) {
@@ -296,6 +335,16 @@ public:
         put_vec(cost_n_); put_vec(cost_sum_); put_vec(slot_model_); put_vec(slot_flags_); put_vec(slot_nnz_);
         put_vec(slot_idx_); put_vec(slot_val_); put_vec(pend_); put_vec(pendnc_); put_vec(delay_hist_);
         put_vec(weights_); put_vec(adagrad_); put_vec(acc_cache_);
+        // The estimates in use between refreshes are state too.
+        put(&next_refresh_, sizeof next_refresh_);
+        put(&closed_upto_, sizeof closed_upto_);
+        const Estimates& e = est_;
+        for (double v : {e.rho, e.unsat, e.var, e.margin, e.tau, e.deficit, e.tau_eff, e.payback, e.rho_false})
+            put(&v, sizeof v);
+        put(&e.n, sizeof e.n);
+        put(&e.complaints, sizeof e.complaints);
+        put_vec(e.acc); put_vec(e.sd); put_vec(e.lcb); put_vec(e.ucb); put_vec(e.cnorm); put_vec(e.cmean);
+        put_vec(e.exposure); put_vec(e.hull);
         return out;
     }
 
@@ -327,6 +376,24 @@ public:
         get_vec(tmp.slot_flags_); get_vec(tmp.slot_nnz_); get_vec(tmp.slot_idx_); get_vec(tmp.slot_val_);
         get_vec(tmp.pend_); get_vec(tmp.pendnc_); get_vec(tmp.delay_hist_); get_vec(tmp.weights_);
         get_vec(tmp.adagrad_); get_vec(tmp.acc_cache_);
+        get(&tmp.next_refresh_, sizeof tmp.next_refresh_);
+        get(&tmp.closed_upto_, sizeof tmp.closed_upto_);
+        Estimates& e = tmp.est_;
+        for (double* v : {&e.rho, &e.unsat, &e.var, &e.margin, &e.tau, &e.deficit, &e.tau_eff, &e.payback, &e.rho_false})
+            get(v, sizeof *v);
+        get(&e.n, sizeof e.n);
+        get(&e.complaints, sizeof e.complaints);
+        // Estimate vectors are empty before the first refresh and hold one entry per model after.
+        auto get_est = [&](auto& v, bool per_model) {
+            std::uint64_t n = 0;
+            get(&n, sizeof n);
+            if (n > static_cast<std::uint64_t>(cfg_.n_models) || (per_model && n != 0 && n != static_cast<std::uint64_t>(cfg_.n_models)))
+                throw std::invalid_argument("state does not match this configuration");
+            v.resize(n);
+            if (n) get(v.data(), n * sizeof(v[0]));
+        };
+        get_est(e.acc, true); get_est(e.sd, true); get_est(e.lcb, true); get_est(e.ucb, true);
+        get_est(e.cnorm, true); get_est(e.cmean, true); get_est(e.exposure, true); get_est(e.hull, false);
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
         std::lock_guard<std::mutex> lock(mu_);
@@ -362,6 +429,14 @@ private:
                         throw std::invalid_argument("state is corrupt: feature index out of range");
                 }
         }
+        if (closed_upto_ < 0 || closed_upto_ > t_ || closed_upto_ < t_ - cfg_.window)
+            throw std::invalid_argument("state is corrupt: inconsistent window");
+        if (t_ > 0 && (est_.acc.empty() || est_.hull.empty() || next_refresh_ <= est_.n || est_.n > t_))
+            throw std::invalid_argument("state is corrupt: estimates missing or inconsistent");
+        for (int k : est_.hull)
+            if (k < 0 || k >= K) throw std::invalid_argument("state is corrupt: frontier names no valid model");
+        if (!(est_.rho > est_.rho_false) || !(est_.payback > 0.0))
+            if (t_ > 0) throw std::invalid_argument("state is corrupt: invalid report rate or horizon");
         for (std::size_t i = 0; i < pend_.size(); ++i)
             if (pend_[i] < 0 || pendnc_[i] < 0 || pendnc_[i] > pend_[i])
                 throw std::invalid_argument("state is corrupt: negative pending counts");
@@ -377,6 +452,9 @@ private:
         slot_idx_.swap(o.slot_idx_); slot_val_.swap(o.slot_val_); pend_.swap(o.pend_); pendnc_.swap(o.pendnc_);
         delay_hist_.swap(o.delay_hist_); weights_.swap(o.weights_); adagrad_.swap(o.adagrad_);
         acc_cache_.swap(o.acc_cache_);
+        std::swap(next_refresh_, o.next_refresh_);
+        std::swap(closed_upto_, o.closed_upto_);
+        std::swap(est_, o.est_);
     }
 
     void store_features(std::size_t s, const FeatureView& f) {
@@ -414,10 +492,22 @@ private:
             for (int j = 0; j < f.nnz; ++j)
                 acc += static_cast<double>(weights_[static_cast<std::size_t>(f.idx[j]) * K + k]) * f.val[j];
         } else {
-            const float* w = weights_.data() + static_cast<std::size_t>(k) * cfg_.dim;
-            for (int j = 0; j < cfg_.dim; ++j) acc += static_cast<double>(w[j]) * f.dense[j];
+            acc = lane_sum(weights_.data() + static_cast<std::size_t>(k) * cfg_.dim, f.dense, cfg_.dim,
+                           [](double w, double x) { return w * x; });
         }
         return acc;
+    }
+
+    // sum_j op(a_j, b_j) in double, accumulated in 8 lanes (lane j % 8) that are added pairwise
+    // at the end: a fixed order the compiler can vectorise and the reference can reproduce.
+    template <class Op>
+    static double lane_sum(const float* a, const float* b, int n, Op op) {
+        double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int j = 0;
+        for (; j + 8 <= n; j += 8)
+            for (int l = 0; l < 8; ++l) lane[l] += op(static_cast<double>(a[j + l]), static_cast<double>(b[j + l]));
+        for (int l = 0; j < n; ++j, ++l) lane[l] += op(static_cast<double>(a[j]), static_cast<double>(b[j]));
+        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
 
     // sqrt(sum_j phi_j^2 / (lambda0 + G_kj)): the predictor's uncertainty for this request.
@@ -430,36 +520,53 @@ private:
                 acc += v * v / (cfg_.lambda0 + adagrad_[static_cast<std::size_t>(f.idx[j]) * K + k]);
             }
         } else {
-            const float* g = adagrad_.data() + static_cast<std::size_t>(k) * cfg_.dim;
-            for (int j = 0; j < cfg_.dim; ++j) {
-                const double v = f.dense[j];
-                acc += v * v / (cfg_.lambda0 + g[j]);
-            }
+            const double l0 = cfg_.lambda0;
+            acc = lane_sum(adagrad_.data() + static_cast<std::size_t>(k) * cfg_.dim, f.dense, cfg_.dim,
+                           [l0](double g, double v) { return v * v / (l0 + g); });
         }
         return std::sqrt(acc);
     }
 
-    // One AdaGrad step of model k's predictor on the request in slot s.
-    void learn_locked(int k, std::size_t s, int obs, double y) {
-        if (cfg_.lr <= 0.0) return;
-        const FeatureView f = slot_view(s);
+    // d(negative log-likelihood)/dz of model k's predictor for an observation: a complaint
+    // (y = 1) or silence (y = 0) at report rate rho, or an audit label y.
+    double gradient(int k, const FeatureView& f, int obs, double y, double rho) const {
         const double z = logit(acc_cache_[k]) + dot(k, f);
         const double p = sigmoid(z);
-        double g;  // d(negative log-likelihood)/dz
-        if (obs == kObsLabel) {
-            g = p - y;
-        } else {
-            const double rho = rho_current();
-            const double rf = cfg_.rho_false;
-            const double pi = std::min(std::max(rho * (1.0 - p) + rf * p, 1e-9), 1.0 - 1e-9);
-            const double dpi = (rf - rho) * p * (1.0 - p);
-            g = -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi;
-        }
-        auto step = [&](float& w, float& G, double phi) {
-            const double gj = g * phi + cfg_.l2 * static_cast<double>(w);
-            const double Gn = static_cast<double>(G) + gj * gj;
-            G = static_cast<float>(Gn);
-            w = static_cast<float>(static_cast<double>(w) - cfg_.lr * gj / std::sqrt(cfg_.lambda0 + Gn));
+        if (obs == kObsLabel) return p - y;
+        const double rf = cfg_.rho_false;
+        const double pi = std::min(std::max(rho * (1.0 - p) + rf * p, 1e-9), 1.0 - 1e-9);
+        const double dpi = (rf - rho) * p * (1.0 - p);
+        return -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi;
+    }
+
+    double silent_gradient(int k, const FeatureView& f, double rho) const {
+        return gradient(k, f, kObsComplaint, 0.0, rho);
+    }
+
+    // One AdaGrad coordinate step with gradient component gsum (before the L2 term).
+    void adagrad_step(float& w, float& G, double gsum) const {
+        const float gj = static_cast<float>(gsum) + static_cast<float>(cfg_.l2) * w;
+        const float Gn = G + gj * gj;
+        G = Gn;
+        w = w - static_cast<float>(cfg_.lr) * gj / std::sqrt(static_cast<float>(cfg_.lambda0) + Gn);
+    }
+
+    // One AdaGrad step of model k's predictor on the request in slot s.
+    void learn_locked(int k, std::size_t s, int obs, double y) { learn_step_locked(k, s, obs, y, rho_current()); }
+
+    void learn_step_locked(int k, std::size_t s, int obs, double y, double rho) {
+        if (cfg_.lr <= 0.0) return;
+        const FeatureView f = slot_view(s);
+        const double g = gradient(k, f, obs, y, rho);
+        // The step runs in single precision, element by element (no reductions), so it
+        // vectorises; every operation is IEEE single precision and the reference repeats it.
+        const float gf = static_cast<float>(g), l2 = static_cast<float>(cfg_.l2);
+        const float lr = static_cast<float>(cfg_.lr), l0 = static_cast<float>(cfg_.lambda0);
+        auto step = [gf, l2, lr, l0](float& w, float& G, float phi) {
+            const float gj = gf * phi + l2 * w;
+            const float Gn = G + gj * gj;
+            G = Gn;
+            w = w - lr * gj / std::sqrt(l0 + Gn);
         };
         if (cfg_.hashed()) {
             const int K = cfg_.n_models;
@@ -474,7 +581,7 @@ private:
     }
 
     // The request `id` leaves its feedback window: silence now counts as "no complaint".
-    void close_locked(std::int64_t id) {
+    void close_locked(std::int64_t id, bool learn = true) {
         const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
         const int k = slot_model_[s];
         const std::uint8_t fl = slot_flags_[s];
@@ -482,7 +589,7 @@ private:
         pend_[k * nb_ring_ + b] -= 1;
         if (!(fl & kComplained)) {
             pendnc_[k * nb_ring_ + b] -= 1;
-            learn_locked(k, s, kObsComplaint, 0.0);
+            if (learn) learn_locked(k, s, kObsComplaint, 0.0);
         }
         closed_[k] += 1;
         if ((fl & kAudited) && (fl & kAuditUnsat)) {
@@ -491,6 +598,149 @@ private:
         }
     }
 
+    // Closes every pending request with an id below `end`, in id order. Many closures at once
+    // (a batch) do the bookkeeping in order and then the silent predictor steps in parallel,
+    // one thread per group of models: steps of different models touch different weights, and
+    // each model's steps keep their order, so the result is exactly the sequential one.
+    void close_before_locked(std::int64_t end) {
+        const std::int64_t n = end - closed_upto_;
+        if (n < 64 || cfg_.lr <= 0.0) {
+            for (; closed_upto_ < end; ++closed_upto_) close_locked(closed_upto_);
+            return;
+        }
+        struct Step { int k; std::size_t s; double rho; };
+        std::vector<Step> steps;
+        steps.reserve(static_cast<std::size_t>(n));
+        for (; closed_upto_ < end; ++closed_upto_) {
+            const std::size_t s = static_cast<std::size_t>(closed_upto_ % cfg_.window);
+            const std::uint8_t fl = slot_flags_[s];
+            if (!(fl & kComplained)) steps.push_back(Step{slot_model_[s], s, rho_current()});
+            close_locked(closed_upto_, /*learn=*/false);
+        }
+        const int K = cfg_.n_models;
+        parallel_for(K, 0, [&](std::int64_t lo, std::int64_t hi) {
+            for (const Step& st : steps)
+                if (st.k >= lo && st.k < hi) learn_step_locked(st.k, st.s, kObsComplaint, 0.0, st.rho);
+        }, 1);
+    }
+
+public:
+    // ---- batches (docs/algorithm.md, "Batches") ---------------------------------------------
+    // A batch of B requests is routed in three phases, all under the router's lock:
+    //  1. batch_begin: close the requests that leave the window because of the batch, refresh
+    //     the estimates if a refresh falls in the batch, and freeze the plan (the dual state at
+    //     batch start) and the generator state;
+    //  2. any backend decides each row from the plan, the row's features and its two draws
+    //     (draws 2r+1 and 2r+2 after the frozen generator state);
+    //  3. batch_commit: record the rows, close the batch's own rows that leave the window
+    //     within it (one minibatch predictor step per model), advance the generator and the
+    //     request count, and with it the queue.
+    // A batch of one is exactly route().
+    struct BatchStart {
+        Plan plan;
+        std::uint64_t rng = 0;
+        std::int64_t first_id = 0;
+        double rho = 1.0;
+    };
+
+    BatchStart batch_begin_locked(std::int64_t B) {
+        const std::int64_t t0 = t_;
+        close_before_locked(std::min(t0 + B, t0 + cfg_.window) - cfg_.window);
+        if (t0 + B > next_refresh_) {
+            refresh_locked(est_);
+            acc_cache_ = est_.acc;
+            next_refresh_ = t0 + cfg_.refresh;
+        }
+        BatchStart b;
+        b.plan = plan_locked(est_, dual_locked());
+        b.rng = rng_;
+        b.first_id = t0;
+        b.rho = rho_current();
+        return b;
+    }
+
+    // Draw i (1-based) after generator state `state`, without advancing it.
+    static double draw(std::uint64_t state, std::uint64_t i) {
+        std::uint64_t s = state + (i - 1) * 0x9E3779B97F4A7C15ULL;
+        return uniform01(s);
+    }
+
+    // Records row r's decision; `f` may be empty for rows that close within the batch.
+    // `grad` accumulates, per model, the silent-step gradient of rows closing within the batch
+    // (K x dim, dense routers only) unless the caller computed it (then pass nullptr).
+    void batch_commit_locked(std::int64_t B, const std::int32_t* models, const std::uint8_t* explored,
+                             const std::function<FeatureView(std::int64_t)>& features, const double* grad_in) {
+        const std::int64_t t0 = t_;
+        const std::int64_t W = cfg_.window;
+        const int K = cfg_.n_models;
+        // Rows that close within the batch never become pending.
+        const std::int64_t n_inner = std::max<std::int64_t>(0, B - W);
+        std::vector<double> grad;
+        std::vector<std::int64_t> touched;
+        const bool dense = !cfg_.hashed();
+        if (n_inner > 0 && cfg_.lr > 0.0 && grad_in == nullptr) {
+            if (dense) grad.assign(static_cast<std::size_t>(K) * cfg_.dim, 0.0);
+        }
+        std::vector<std::vector<std::pair<std::int32_t, double>>> sparse(dense ? 0 : K);
+        std::vector<char> has(K, 0);
+        const double rho = rho_current();
+        for (std::int64_t r = 0; r < n_inner; ++r) {
+            const int k = models[r];
+            served_[k] += 1;
+            closed_[k] += 1;
+            if (explored[r]) explored_ += 1;
+            has[k] = 1;
+            if (cfg_.lr > 0.0 && grad_in == nullptr) {
+                const FeatureView f = features(r);
+                const double g = silent_gradient(k, f, rho);
+                if (dense) {
+                    double* gk = grad.data() + static_cast<std::size_t>(k) * cfg_.dim;
+                    for (int j = 0; j < cfg_.dim; ++j) gk[j] += g * f.dense[j];
+                } else {
+                    for (int j = 0; j < f.nnz; ++j) sparse[k].emplace_back(f.idx[j], g * f.val[j]);
+                }
+            }
+        }
+        if (cfg_.lr > 0.0 && n_inner > 0) {
+            for (int k = 0; k < K; ++k) {
+                if (!has[k]) continue;
+                if (dense) {
+                    const double* gk = (grad_in ? grad_in : grad.data()) + static_cast<std::size_t>(k) * cfg_.dim;
+                    const std::size_t base = static_cast<std::size_t>(k) * cfg_.dim;
+                    for (int j = 0; j < cfg_.dim; ++j) adagrad_step(weights_[base + j], adagrad_[base + j], gk[j]);
+                } else {
+                    auto& v = sparse[k];
+                    std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+                    for (std::size_t a = 0; a < v.size();) {
+                        double sum = 0.0;
+                        std::size_t e = a;
+                        for (; e < v.size() && v[e].first == v[a].first; ++e) sum += v[e].second;
+                        const std::size_t ix = static_cast<std::size_t>(v[a].first) * K + k;
+                        adagrad_step(weights_[ix], adagrad_[ix], sum);
+                        a = e;
+                    }
+                }
+            }
+        }
+        for (std::int64_t r = n_inner; r < B; ++r) {
+            const std::int64_t id = t0 + r;
+            const int k = models[r];
+            const std::size_t sl = static_cast<std::size_t>(id % W);
+            slot_model_[sl] = k;
+            slot_flags_[sl] = explored[r] ? kExplored : 0;
+            store_features(sl, features(r));
+            const std::size_t b = bucket_of(id);
+            pend_[k * nb_ring_ + b] += 1;
+            pendnc_[k * nb_ring_ + b] += 1;
+            served_[k] += 1;
+            if (explored[r]) explored_ += 1;
+        }
+        if (n_inner > 0) closed_upto_ = t0 + n_inner;  // begin closed every earlier request
+        rng_ += static_cast<std::uint64_t>(2 * B) * 0x9E3779B97F4A7C15ULL;
+        t_ = t0 + B;
+    }
+
+private:
     // Report rate in use: configured, or a lower confidence bound from audits.
     double rho_current() const {
         if (cfg_.rho > 0.0) return cfg_.rho;
@@ -647,6 +897,9 @@ private:
         e.tau = std::min(1.0, cfg_.alpha + std::max(e.margin, 0.0));
         e.deficit = e.unsat - (1.0 - e.tau) * N;
         const double H = std::max(cfg_.payback_min, std::min(N, cfg_.payback / rho));
+        e.payback = H;
+        e.rho_false = rf;
+        e.complaints = complaints_total_;
         e.tau_eff = e.tau + e.deficit / H;
         // Optimistic frontier: which models could be worth mixing.
         e.hull = frontier(e.cnorm, e.ucb);
@@ -699,42 +952,75 @@ private:
     //  2. Otherwise the optimistic frontier picks the cheapest pair (i, j) that could reach the
     //     target; cautious (lower-bound) accuracies set the weight of j.
     //  3. Per-request evidence (the predictor, a per-request cost estimate) tilts that weight.
-    int decide_locked(const Estimates& e, const FeatureView& f, const double* cost, double u1, double u2,
-                      bool* explored) const {
-        const int K = cfg_.n_models;
-        const double N = static_cast<double>(e.n);
-        const double te = e.tau_eff;
-        const std::vector<int>& h = e.hull;
-        const bool valve = e.deficit > cfg_.valve * (e.margin * N + 1.0 / e.rho);
-        if (valve || te >= e.ucb[h.back()]) {
-            // Past the valve the deficit must be repaid: accuracy alone decides.
-            const int best = most_accurate(e, valve ? 0.0 : cfg_.top_cost);
-            const double eps = std::min(cfg_.eps_max, cfg_.eps_c * std::pow(N + 1.0, -1.0 / 3.0));
-            if (u1 < eps) {
-                int cand[kMaxModels];
-                int nc = 0;
-                for (int k = 0; k < K; ++k)
-                    if (k != best && e.ucb[k] > e.acc[best]) cand[nc++] = k;
-                if (nc > 0) {
-                    *explored = true;
-                    return cand[std::min(nc - 1, static_cast<int>(u2 * nc))];
-                }
-            }
-            return best;
-        }
-        if (te <= e.ucb[h.front()]) return h.front();
-        std::size_t s = 1;
-        while (e.ucb[h[s]] < te) ++s;
-        const int i = h[s - 1], j = h[s];
-        double w = 1.0;
-        if (e.lcb[j] > e.lcb[i]) w = std::min(1.0, std::max(0.0, (te - e.lcb[i]) / (e.lcb[j] - e.lcb[i])));
-        if (w <= 0.0) return i;
-        if (w >= 1.0) return j;
-        const double adv = advantage(e, f, cost, i, j);
-        const double pj = adv == 0.0 ? w : sigmoid(logit(w) + cfg_.tilt * adv);
-        return u2 < pj ? j : i;
+    Dual dual_locked() const {
+        const Estimates& e = est_;
+        Dual d;
+        d.n = t_;
+        const double N = static_cast<double>(t_);
+        const double unsat = e.unsat + static_cast<double>(complaints_total_ - e.complaints) / (e.rho - e.rho_false);
+        d.deficit = unsat - (1.0 - e.tau) * N;
+        d.tau_eff = e.tau + d.deficit / e.payback;
+        d.valve = d.deficit > cfg_.valve * (e.margin * N + 1.0 / e.rho);
+        d.eps = std::min(cfg_.eps_max, cfg_.eps_c * std::pow(N + 1.0, -1.0 / 3.0));
+        return d;
     }
 
+public:
+    // What the dual state decides for every request until it changes: the regime and, for a
+    // mix, the pair and the weight. Only the per-request part (draws, features) is left.
+    Plan plan_locked(const Estimates& e, const Dual& d) const {
+        const int K = cfg_.n_models;
+        Plan p;
+        const double te = d.tau_eff;
+        const std::vector<int>& h = e.hull;
+        if (d.valve || te >= e.ucb[h.back()]) {
+            p.regime = Plan::kServeBest;
+            // Past the valve the deficit must be repaid: accuracy alone decides.
+            p.model = most_accurate(e, d.valve ? 0.0 : cfg_.top_cost);
+            p.eps = d.eps;
+            for (int k = 0; k < K; ++k)
+                if (k != p.model && e.ucb[k] > e.acc[p.model]) p.cand[p.ncand++] = k;
+            return p;
+        }
+        if (te <= e.ucb[h.front()]) {
+            p.regime = Plan::kServeOne;
+            p.model = h.front();
+            return p;
+        }
+        std::size_t s = 1;
+        while (e.ucb[h[s]] < te) ++s;
+        p.regime = Plan::kMix;
+        p.i = h[s - 1];
+        p.j = h[s];
+        p.w = 1.0;
+        if (e.lcb[p.j] > e.lcb[p.i])
+            p.w = std::min(1.0, std::max(0.0, (te - e.lcb[p.i]) / (e.lcb[p.j] - e.lcb[p.i])));
+        return p;
+    }
+
+    // The per-request part of the decision: two uniform draws and the request's features.
+    int decide_row(const Plan& p, const FeatureView& f, const double* cost, double u1, double u2,
+                   bool* explored) const {
+        switch (p.regime) {
+            case Plan::kServeBest:
+                if (u1 < p.eps && p.ncand > 0) {
+                    *explored = true;
+                    return p.cand[std::min(p.ncand - 1, static_cast<int>(u2 * p.ncand))];
+                }
+                return p.model;
+            case Plan::kServeOne:
+                return p.model;
+            default: {
+                if (p.w <= 0.0) return p.i;
+                if (p.w >= 1.0) return p.j;
+                const double adv = advantage(est_, f, cost, p.i, p.j);
+                const double pj = adv == 0.0 ? p.w : sigmoid(logit(p.w) + cfg_.tilt * adv);
+                return u2 < pj ? p.j : p.i;
+            }
+        }
+    }
+
+private:
     // How much better than average model j is, relative to model i, for this request: the
     // predictors' deviations from the models' mean accuracies, in units of the accuracy gap,
     // minus the per-request cost deviation in units of the mean cost gap.
@@ -762,6 +1048,8 @@ private:
     std::uint64_t rng_ = 0;
     std::int64_t complaints_total_ = 0, late_complaints_ = 0, audits_total_ = 0, explored_ = 0;
     std::int64_t rho_n_ = 0, rho_c_ = 0;
+    std::int64_t next_refresh_ = 0;
+    std::int64_t closed_upto_ = 0;  // every id below this one is closed
     std::vector<std::int64_t> served_, closed_, complaints_, audits_, audits_sat_, cost_n_;
     std::vector<double> cost_sum_;
     std::vector<std::int32_t> slot_model_;

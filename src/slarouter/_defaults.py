@@ -33,4 +33,5 @@ TUNING = {
     "unsat_prior": 10.0,
     "top_cost": 0.02,
     "valve": 1.0,
+    "refresh": 16,
 }

@@ -192,3 +192,152 @@ def _logreg_fit(order, indptr, indices, values, n_features, target, b0, lr, g0):
         for k in range(K):
             _step(w, G, b, Gb, k, indptr, indices, values, r, _sigmoid(z[k]) - target[r, k], lr)
     return w, b
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch routing (slarouter._backends, backend="numba"): the per-row part of the engine's decision
+# (Router::decide_row in csrc/slarouter/router.hpp) on a plan frozen by Router.batch_begin.
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+
+
+@numba.jit(**_JIT)
+def _draw(state, i):
+    """Draw i (1-based) of the splitmix64 generator after ``state`` (Router::draw)."""
+    z = state + np.uint64(i) * _GAMMA
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    z = z ^ (z >> _S31)
+    return float(z >> _S11) * (1.0 / 9007199254740992.0)
+
+
+@numba.jit(**_JIT)
+def _lane_dot(a, b, square_over):
+    """sum_j a_j b_j (or, when square_over >= 0, b_j^2 / (square_over + a_j)) in 8 lanes added
+    pairwise at the end: the order of Router::lane_sum, so results match bit for bit."""
+    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = 0.0
+    n = b.shape[0]
+    j = 0
+    sq = square_over >= 0.0
+    while j + 8 <= n:
+        if sq:
+            l0 += float(b[j]) * float(b[j]) / (square_over + float(a[j]))
+            l1 += float(b[j + 1]) * float(b[j + 1]) / (square_over + float(a[j + 1]))
+            l2 += float(b[j + 2]) * float(b[j + 2]) / (square_over + float(a[j + 2]))
+            l3 += float(b[j + 3]) * float(b[j + 3]) / (square_over + float(a[j + 3]))
+            l4 += float(b[j + 4]) * float(b[j + 4]) / (square_over + float(a[j + 4]))
+            l5 += float(b[j + 5]) * float(b[j + 5]) / (square_over + float(a[j + 5]))
+            l6 += float(b[j + 6]) * float(b[j + 6]) / (square_over + float(a[j + 6]))
+            l7 += float(b[j + 7]) * float(b[j + 7]) / (square_over + float(a[j + 7]))
+        else:
+            l0 += float(a[j]) * float(b[j])
+            l1 += float(a[j + 1]) * float(b[j + 1])
+            l2 += float(a[j + 2]) * float(b[j + 2])
+            l3 += float(a[j + 3]) * float(b[j + 3])
+            l4 += float(a[j + 4]) * float(b[j + 4])
+            l5 += float(a[j + 5]) * float(b[j + 5])
+            l6 += float(a[j + 6]) * float(b[j + 6])
+            l7 += float(a[j + 7]) * float(b[j + 7])
+        j += 8
+    rest = np.zeros(8)
+    l = 0
+    while j < n:
+        x = float(b[j])
+        rest[l] = x * x / (square_over + float(a[j])) if sq else float(a[j]) * x
+        j += 1
+        l += 1
+    l0 += rest[0]
+    l1 += rest[1]
+    l2 += rest[2]
+    l3 += rest[3]
+    l4 += rest[4]
+    l5 += rest[5]
+    l6 += rest[6]
+    l7 += rest[7]
+    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+
+
+@numba.jit(**_JIT)
+def _plain_sigmoid(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+@numba.jit(**_JIT)
+def _logit(p):
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
+@numba.jit(parallel=True, **_JIT)
+def _route_rows(X, cost, has_cost, regime, model, eps, cand, i, j, w, tilt, beta, lambda0, acc_i, acc_j,
+                cmean_i, cmean_j, w_i, w_j, g_i, g_j, rng, models, explored):
+    """Models (and exploration flags) for every row of a dense batch, on a frozen plan."""
+    B = X.shape[0]
+    nc = cand.shape[0]
+    gap = max(acc_j - acc_i, 1e-3)
+    li = _logit(acc_i)
+    lj = _logit(acc_j)
+    lw = _logit(w)
+    for r in numba.prange(B):
+        u1 = _draw(rng, 2 * r + 1)
+        u2 = _draw(rng, 2 * r + 2)
+        explored[r] = 0
+        if regime == 0:
+            if u1 < eps and nc > 0:
+                explored[r] = 1
+                models[r] = cand[min(nc - 1, int(u2 * nc))]
+            else:
+                models[r] = model
+        elif regime == 1:
+            models[r] = model
+        elif w <= 0.0:
+            models[r] = i
+        elif w >= 1.0:
+            models[r] = j
+        else:
+            adv = 0.0
+            if tilt > 0.0:
+                x = X[r]
+                bj = beta * math.sqrt(_lane_dot(g_j, x, lambda0)) if beta > 0.0 else 0.0
+                bi = beta * math.sqrt(_lane_dot(g_i, x, lambda0)) if beta > 0.0 else 0.0
+                dj = _plain_sigmoid(lj + _lane_dot(w_j, x, -1.0) + bj) - acc_j
+                di = _plain_sigmoid(li + _lane_dot(w_i, x, -1.0) + bi) - acc_i
+                adv = (dj - di) / gap
+                if has_cost:
+                    dc = cmean_j - cmean_i
+                    if dc > 0.0:
+                        adv -= ((cost[r, j] - cost[r, i]) - dc) / dc
+            pj = w if adv == 0.0 else _plain_sigmoid(lw + tilt * adv)
+            models[r] = j if u2 < pj else i
+
+
+@numba.jit(**_JIT)
+def _silent_grad(X, models, n, weights, acc, rho, rho_false):
+    """Summed silent-step gradients (models x dim) of rows 0..n-1, which close within the batch
+    (Router::batch_commit_locked)."""
+    K, d = weights.shape
+    grad = np.zeros((K, d))
+    for r in range(n):
+        k = models[r]
+        p = _plain_sigmoid(_logit(acc[k]) + _lane_dot(weights[k], X[r], -1.0))
+        pi = min(max(rho * (1.0 - p) + rho_false * p, 1e-9), 1.0 - 1e-9)
+        dpi = (rho_false - rho) * p * (1.0 - p)
+        y = 0.0  # silence; written as Router::gradient writes it, for the same rounding
+        g = -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi
+        for c in range(d):
+            grad[k, c] += g * float(X[r, c])
+    return grad
+
+
+@numba.jit(parallel=True, **_JIT)
+def _all_finite(X):
+    bad = 0
+    for r in numba.prange(X.shape[0]):
+        for c in range(X.shape[1]):
+            if not np.isfinite(X[r, c]):
+                bad += 1
+                break
+    return bad == 0

@@ -84,6 +84,55 @@ def _parse_model(spec: ModelSpec, i: int) -> Model:
     return Model(name, cost, prior)
 
 
+def _feature_checker(dim: int):
+    """The slow path of route(): convert ``x`` or raise the error that names what is wrong."""
+
+    def check(x: Any) -> Any:
+        if dim == 0:
+            raise TypeError(f"this router hashes prompt text: x must be a str, got {type(x).__name__}")
+        if isinstance(x, str):
+            raise TypeError(f"this router takes {dim}-dimensional float embeddings, got a str")
+        arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+        if arr.dtype.kind != "f":
+            raise TypeError(f"x must be a floating-point array, got dtype {arr.dtype}")
+        if arr.ndim != 1 or arr.shape[0] != dim:
+            raise ValueError(f"x must have shape ({dim},), got {arr.shape}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError("x contains NaN or infinite values")
+        return arr
+
+    return check
+
+
+def _cost_checker(names: Tuple[str, ...]):
+    """Validate a per-request cost estimate: a sequence in model order or a name -> cost mapping."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def check(cost: Any) -> np.ndarray:
+        if isinstance(cost, Mapping):
+            unknown = sorted(set(cost) - set(index))
+            if unknown:
+                raise KeyError(f"cost names unknown models {unknown}")
+            missing = sorted(set(index) - set(cost))
+            if missing:
+                raise ValueError(f"cost must give every model a cost; missing {missing}")
+            cost = [cost[n] for n in names]
+        arr = np.asarray(cost)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"cost must be numeric, got dtype {arr.dtype}")
+        if arr.shape != (len(names),):
+            raise ValueError(f"cost must have one entry per model, shape ({len(names)},), got {arr.shape}")
+        arr = np.ascontiguousarray(arr, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError("cost contains NaN or infinite values")
+        if (arr < 0).any():
+            raise ValueError("cost must be >= 0")
+        return arr
+
+    return check
+
+
 class Router:
     """Routes each request to the cheapest model that keeps the SLA, learning from complaints.
 
@@ -217,7 +266,17 @@ class Router:
         cfg.seed = int(seed)
         for key, value in tun.items():
             setattr(cfg, key, value)
-        self._core = _core.Router(cfg)
+        self._cfg = cfg
+        self._bind(_core.Router(cfg, list(names), Decision, UnknownRequestError, DuplicateFeedbackError,
+                                _feature_checker(dim), _cost_checker(self._names)))
+
+    def _bind(self, core: Any) -> None:
+        # The hot methods are the native ones, bound per instance: no Python frame per call.
+        self._core = core
+        self.route = core.route
+        self.complain = core.complain
+        self.audit = core.audit
+        self.observe_cost = core.observe_cost
 
     # ------------------------------------------------------------------ properties
     @property
@@ -245,78 +304,17 @@ class Router:
         )
 
     # ------------------------------------------------------------------ input checks
-    def _features(self, x: Any) -> Any:
-        if self._dim == 0:
-            if not isinstance(x, str):
-                raise TypeError(f"this router hashes prompt text: x must be a str, got {type(x).__name__}")
-            return x
-        if isinstance(x, str):
-            raise TypeError(f"this router takes {self._dim}-dimensional float embeddings, got a str")
-        arr = x if isinstance(x, np.ndarray) else np.asarray(x)
-        if arr.dtype.kind != "f":
-            raise TypeError(f"x must be a floating-point array, got dtype {arr.dtype}")
-        if arr.ndim != 1 or arr.shape[0] != self._dim:
-            raise ValueError(f"x must have shape ({self._dim},), got {arr.shape}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise ValueError("x contains NaN or infinite values")
-        return arr
-
-    def _cost(self, cost: Any) -> Optional[np.ndarray]:
-        if cost is None:
-            return None
-        if isinstance(cost, Mapping):
-            unknown = sorted(set(cost) - set(self._index))
-            if unknown:
-                raise KeyError(f"cost names unknown models {unknown}")
-            missing = sorted(set(self._index) - set(cost))
-            if missing:
-                raise ValueError(f"cost must give every model a cost; missing {missing}")
-            cost = [cost[n] for n in self._names]
-        arr = np.asarray(cost)
-        if arr.dtype.kind not in "fiu":
-            raise TypeError(f"cost must be numeric, got dtype {arr.dtype}")
-        if arr.shape != (len(self._names),):
-            raise ValueError(f"cost must have one entry per model, shape ({len(self._names)},), got {arr.shape}")
-        arr = np.ascontiguousarray(arr, dtype=np.float64)
-        if not np.isfinite(arr).all():
-            raise ValueError("cost contains NaN or infinite values")
-        if (arr < 0).any():
-            raise ValueError("cost must be >= 0")
-        return arr
-
-    @staticmethod
-    def _request_id(request_id: Any) -> int:
-        if not _is_int(request_id):
-            raise TypeError(f"request_id must be an int, got {type(request_id).__name__}")
-        return int(request_id)
-
-    def _status(self, status: int, request_id: int, what: str) -> bool:
-        if status == _core.APPLIED:
-            return True
-        if status == _core.CLOSED:
-            return False
-        if status == _core.UNKNOWN:
-            raise UnknownRequestError(f"unknown request id {request_id}: this router never issued it")
-        raise DuplicateFeedbackError(f"request {request_id} already has a {what}")
-
     # ------------------------------------------------------------------ routing
     def route(self, x: Any, *, cost: Any = None) -> Decision:
         """Pick the model for one request.
 
         ``x`` is the prompt string (``features="text"``) or a 1-D float array of the configured
-        dimension. ``cost`` optionally estimates this request's cost on every model (a sequence in
-        model order, or a mapping name -> cost).
+        dimension (float32 C-contiguous arrays take the fast path; other float arrays are
+        converted once). ``cost`` optionally estimates this request's cost on every model (a
+        sequence in model order, or a mapping name -> cost).
         """
-        feats = self._features(x)
-        c = self._cost(cost)
-        if self._dim == 0:
-            rid, k = self._core.route_text(feats, c)
-        else:
-            rid, k = self._core.route_dense(feats, c)
-        return Decision(rid, self._names[k], k)
+        return self._core.route(x, cost=cost)
 
-    # ------------------------------------------------------------------ feedback
     def complain(self, request_id: int) -> bool:
         """Record a thumbs-down for a served request, possibly late.
 
@@ -326,32 +324,44 @@ class Router:
         :class:`DuplicateFeedbackError` for a second complaint about the same request; neither
         changes the router.
         """
-        rid = self._request_id(request_id)
-        return self._status(self._core.complain(rid), rid, "complaint")
+        return self._core.complain(request_id)
 
     def audit(self, request_id: int, satisfied: bool) -> bool:
         """Record a true label (e.g. from a human or LLM judge) for a served request.
 
         Returns True when applied, False when the request's window had already closed.
         """
-        rid = self._request_id(request_id)
-        if not isinstance(satisfied, (bool, np.bool_)):
-            if _is_int(satisfied) and satisfied in (0, 1):
-                satisfied = bool(satisfied)
-            else:
-                raise TypeError(f"satisfied must be a bool, got {satisfied!r}")
-        return self._status(self._core.audit(rid, bool(satisfied)), rid, "audit")
+        return self._core.audit(request_id, satisfied)
 
     def observe_cost(self, request_id: int, cost: float) -> bool:
         """Report what serving a request really cost; the router keeps per-model running means.
 
         Returns True when applied, False when the request's window had already closed.
         """
-        rid = self._request_id(request_id)
-        c = _finite_number(cost, "cost")
-        if c < 0:
-            raise ValueError(f"cost must be >= 0, got {c}")
-        return self._status(self._core.observe_cost(rid, c), rid, "cost")
+        return self._core.observe_cost(request_id, cost)
+
+    def route_batch(self, X: Any, *, cost: Any = None, out: Any = None, backend: str = "auto") -> Tuple[Any, Any]:
+        """Route a batch of requests at once; returns ``(request_ids, model_indices)``.
+
+        ``X`` is a (B, d) float array (NumPy: the C++ or Numba kernel; CuPy: the GPU kernel, and
+        the results stay on the device), or a sequence of B prompt strings for a text router.
+        Every row is scored against the dual state at the start of the batch; the queue then
+        advances by the batch's total (docs/algorithm.md, "Batches"). A batch of one gives
+        exactly what :meth:`route` gives. ``cost`` optionally holds a (B, models) per-request
+        cost estimate; ``out`` a preallocated ``(ids int64[B], models int32[B])`` pair.
+        ``backend`` is ``"auto"`` (by array type), ``"cpu"``, ``"numba"`` or ``"cupy"``; asking
+        for the GPU without CuPy or a device raises :class:`BackendUnavailableError`.
+        """
+        from . import _backends
+
+        return _backends.route_batch(self, X, cost, out, backend)
+
+    def complain_batch(self, request_ids: Any) -> np.ndarray:
+        """Complaints for many requests. Every id is checked first: an unknown id or a duplicate
+        raises and nothing is applied. Returns a bool array: True applied, False window closed."""
+        from . import _backends
+
+        return _backends.complain_batch(self, request_ids)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> Dict[str, Any]:
@@ -495,6 +505,7 @@ class Router:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         other = type(self).from_bytes(state["bytes"], source="pickle")
         self.__dict__.update(other.__dict__)
+        self._bind(other._core)
 
     # ------------------------------------------------------------------ replay support
     def _replay(self, rows, sat, cost, u_sat, u_report, delay, report_rate, *, u_audit=None, audit_rate=0.0,
