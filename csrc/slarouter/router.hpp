@@ -533,7 +533,7 @@ private:
         const double z = logit(acc_cache_[k]) + dot(k, f);
         const double p = sigmoid(z);
         if (obs == kObsLabel) return p - y;
-        const double rf = cfg_.rho_false;
+        const double rf = std::min(cfg_.rho_false, 0.5 * rho);  // as in refresh_locked
         const double pi = std::min(std::max(rho * (1.0 - p) + rf * p, 1e-9), 1.0 - 1e-9);
         const double dpi = (rf - rho) * p * (1.0 - p);
         return -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi;
@@ -988,7 +988,7 @@ public:
             return p;
         }
         std::size_t s = 1;
-        while (e.ucb[h[s]] < te) ++s;
+        while (s + 1 < h.size() && e.ucb[h[s]] < te) ++s;
         p.regime = Plan::kMix;
         p.i = h[s - 1];
         p.j = h[s];

@@ -35,3 +35,27 @@ TUNING = {
     "valve": 1.0,
     "refresh": 16,
 }
+
+# Allowed values of each tuning constant: (low, high, low included). Values outside make the
+# estimates undefined (e.g. a zero prior weight gives 0/0 for an unserved model).
+_INF = float("inf")
+TUNING_RANGE = {
+    "eps_max": (0.0, 1.0, True),
+    "eps_c": (0.0, _INF, True),
+    "z_lcb": (0.0, _INF, True),
+    "z_ucb": (0.0, _INF, True),
+    "prior_weight": (0.0, _INF, False),
+    "payback": (0.0, _INF, False),
+    "payback_min": (1.0, _INF, True),
+    "tilt": (0.0, _INF, True),
+    "lr": (0.0, _INF, True),
+    "l2": (0.0, _INF, True),
+    "lambda0": (0.0, _INF, False),
+    "beta": (0.0, _INF, True),
+    "delay_prior": (0.0, _INF, False),
+    "unsat_prior": (0.0, _INF, False),
+    "top_cost": (0.0, _INF, True),
+    "valve": (0.0, _INF, False),
+    "refresh": (1.0, 1e9, True),
+}
+assert set(TUNING_RANGE) == set(TUNING)

@@ -229,7 +229,13 @@ class Router:
         for key, value in (tuning or {}).items():
             if key not in tun:
                 raise ValueError(f"unknown tuning constant {key!r}; known: {sorted(tun)}")
-            tun[key] = type(tun[key])(_finite_number(value, f"tuning[{key!r}]"))
+            v = _finite_number(value, f"tuning[{key!r}]")
+            lo, hi, closed = _defaults.TUNING_RANGE[key]
+            if not ((lo <= v if closed else lo < v) and v <= hi):
+                raise ValueError(f"tuning[{key!r}] must be in {'[' if closed else '('}{lo}, {hi}], got {v}")
+            if isinstance(tun[key], int) and v != int(v):
+                raise ValueError(f"tuning[{key!r}] must be an integer, got {v}")
+            tun[key] = type(tun[key])(v)
 
         self._models: Tuple[Model, ...] = tuple(parsed)
         self._names: Tuple[str, ...] = tuple(names)
