@@ -5,11 +5,18 @@ virtual queue, and needs no offline training. See README.md and docs/.
 """
 
 from ._router import Decision, Model, Router
-from .errors import DuplicateFeedbackError, SlaRouterError, StateFileError, UnknownRequestError
+from .errors import (
+    BackendUnavailableError,
+    DuplicateFeedbackError,
+    SlaRouterError,
+    StateFileError,
+    UnknownRequestError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailableError",
     "Decision",
     "DuplicateFeedbackError",
     "Model",

@@ -10,11 +10,11 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from .errors import BackendUnavailableError
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "route_batch", "complain_batch"]
+
 BACKENDS = ("auto", "cpu", "numba", "cupy")
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (CuPy or a CUDA device is missing)."""
 
 
 def _is_cupy(x: Any) -> bool:

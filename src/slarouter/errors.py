@@ -1,6 +1,12 @@
 """Exceptions raised by slarouter."""
 
-__all__ = ["SlaRouterError", "UnknownRequestError", "DuplicateFeedbackError", "StateFileError"]
+__all__ = [
+    "SlaRouterError",
+    "UnknownRequestError",
+    "DuplicateFeedbackError",
+    "StateFileError",
+    "BackendUnavailableError",
+]
 
 
 class SlaRouterError(Exception):
@@ -20,3 +26,7 @@ class DuplicateFeedbackError(SlaRouterError, ValueError):
 
 class StateFileError(SlaRouterError, ValueError):
     """A state file is truncated, corrupt, of an unknown version, or from another configuration."""
+
+
+class BackendUnavailableError(SlaRouterError, RuntimeError):
+    """The requested batch backend cannot run here (e.g. CuPy or a CUDA device is missing)."""
