@@ -571,7 +571,8 @@ PYBIND11_MODULE(_core, m) {
         .def("replay",
              [](PyRouter& r, Int32Array row, FloatArray sat, DoubleArray cost, DoubleArray u_sat,
                 DoubleArray u_report, Int32Array delay, double rho, py::object u_audit, double audit_rate,
-                bool pass_cost, py::object dense, py::object indptr, py::object indices, py::object values) {
+                bool pass_cost, py::object dense, py::object indptr, py::object indices, py::object values,
+                std::int64_t batch) {
                  ReplayStream s;
                  s.steps = row.shape(0);
                  s.n_models = r.config().n_models;
@@ -597,7 +598,7 @@ PYBIND11_MODULE(_core, m) {
                  ReplayResult res;
                  {
                      py::gil_scoped_release nogil;
-                     res = replay(r, s);
+                     res = replay(r, s, batch);
                  }
                  return py::make_tuple(Int32Array(res.model.size(), res.model.data()),
                                        py::array_t<std::uint8_t>(res.satisfied.size(), res.satisfied.data()),

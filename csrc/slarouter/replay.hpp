@@ -38,7 +38,12 @@ struct ReplayResult {
     std::vector<std::uint8_t> complained;
 };
 
-inline ReplayResult replay(Router& router, const ReplayStream& in, int batch = 1) {
+// batch <= 0: one route() per request. batch B >= 1: the feedback due is delivered, then the
+// next B requests are routed together through the batch phases of route_batch (the dual state
+// frozen at the batch start, docs/algorithm.md, "Batches"), then their outcomes are observed.
+// Feedback due within a batch waits for the next batch boundary. A batch of one gives exactly
+// the results of route() per request.
+inline ReplayResult replay(Router& router, const ReplayStream& in, std::int64_t batch = 0) {
     std::lock_guard<std::mutex> lock(router.mutex());
     const std::int64_t T = in.steps;
     const int K = in.n_models;
@@ -56,9 +61,7 @@ inline ReplayResult replay(Router& router, const ReplayStream& in, int batch = 1
         complaints[s].clear();
         audits[s].clear();
     };
-    (void)batch;
-    for (std::int64_t t = 0; t < T; ++t) {
-        deliver(t);
+    auto features = [&](std::int64_t t) {
         const std::int64_t r = in.row[t];
         FeatureView f;
         if (dim > 0) {
@@ -69,12 +72,16 @@ inline ReplayResult replay(Router& router, const ReplayStream& in, int batch = 1
             f.val = in.values + in.indptr[r];
             f.nnz = static_cast<int>(in.indptr[r + 1] - in.indptr[r]);
         }
-        const double* c = in.pass_cost ? in.cost + r * K : nullptr;
-        const Decision d = router.route_locked(f, c);
-        ids[t] = d.request_id;
-        const int k = d.model;
-        out.model[t] = k;
-        router.observe_cost_locked(d.request_id, in.cost[r * K + k]);
+        return f;
+    };
+    auto cost_of = [&](std::int64_t t) -> const double* {
+        return in.pass_cost ? in.cost + static_cast<std::int64_t>(in.row[t]) * K : nullptr;
+    };
+    // The user's reaction to step t's answer, and its feedback scheduled for later.
+    auto observe = [&](std::int64_t t) {
+        const std::int64_t r = in.row[t];
+        const int k = out.model[t];
+        router.observe_cost_locked(ids[t], in.cost[r * K + k]);
         const bool sat = in.u_sat[t] < static_cast<double>(in.sat[r * K + k]);
         out.satisfied[t] = sat ? 1 : 0;
         const std::int64_t when = t + in.delay[t] + 1;
@@ -83,6 +90,40 @@ inline ReplayResult replay(Router& router, const ReplayStream& in, int batch = 1
             if (when <= T) complaints[when].push_back(t);
         }
         if (in.u_audit != nullptr && in.u_audit[t] < in.audit_rate && when <= T) audits[when].push_back(t);
+    };
+    if (batch <= 0) {
+        for (std::int64_t t = 0; t < T; ++t) {
+            deliver(t);
+            const Decision d = router.route_locked(features(t), cost_of(t));
+            ids[t] = d.request_id;
+            out.model[t] = d.model;
+            observe(t);
+        }
+        return out;
+    }
+    std::vector<std::int32_t> models;
+    std::vector<std::uint8_t> explored;
+    std::int64_t delivered = 0;  // every bucket below this step has been delivered
+    for (std::int64_t t0 = 0; t0 < T; t0 += batch) {
+        for (; delivered <= t0; ++delivered) deliver(delivered);
+        const std::int64_t B = std::min(batch, T - t0);
+        const Router::BatchStart st = router.batch_begin_locked(B);
+        models.assign(static_cast<std::size_t>(B), 0);
+        explored.assign(static_cast<std::size_t>(B), 0);
+        for (std::int64_t r = 0; r < B; ++r) {
+            bool e = false;
+            const double u1 = Router::draw(st.rng, static_cast<std::uint64_t>(2 * r + 1));
+            const double u2 = Router::draw(st.rng, static_cast<std::uint64_t>(2 * r + 2));
+            models[r] = router.decide_row(st.plan, features(t0 + r), cost_of(t0 + r), u1, u2, &e);
+            explored[r] = e ? 1 : 0;
+        }
+        router.batch_commit_locked(B, models.data(), explored.data(),
+                                   [&](std::int64_t r) { return features(t0 + r); }, nullptr);
+        for (std::int64_t r = 0; r < B; ++r) {
+            ids[t0 + r] = st.first_id + r;
+            out.model[t0 + r] = models[r];
+            observe(t0 + r);
+        }
     }
     return out;
 }

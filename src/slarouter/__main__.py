@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--confidence", type=_unit, default=0.95, help="the router's confidence (default 0.95)")
     r.add_argument("--audit-rate", type=float, default=0.0, dest="audit_rate",
                    help="fraction of requests audited; when > 0 the report rate is withheld from the router")
-    r.add_argument("--batch", type=int, default=1, help="route in batches of this size")
+    r.add_argument("--batch", type=int, default=None,
+                   help="the router routes this many requests at a time (route_batch's phases: one dual state "
+                        "per batch; feedback due within a batch waits for the next); default: route() per request")
     r.add_argument("--max-delay", type=int, default=200, dest="max_delay", help="largest feedback delay")
     r.add_argument("--json", default=None, help="write every run to this JSON file")
     r.add_argument("--plot", default=None, help="write a PNG figure (needs matplotlib)")
@@ -194,7 +196,7 @@ def run_replay(args: argparse.Namespace) -> dict:
         except ValueError as e:
             raise SystemExit(f"slarouter replay: {e}") from None
     policies = _policies_to_run(requested)
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise SystemExit("--batch must be >= 1")
     if not 0.0 <= args.audit_rate <= 1.0:
         raise SystemExit("--audit-rate must be in [0, 1]")
@@ -205,7 +207,7 @@ def run_replay(args: argparse.Namespace) -> dict:
             for seed in args.seeds:
                 jobs.append(dict(benchmark=b, protocol=proto, seed=seed, requests=args.requests, alphas=alphas,
                                  rates=args.report_rate, policies=policies, confidence=args.confidence,
-                                 audit_rate=args.audit_rate, batch=args.batch, max_delay=args.max_delay,
+                                 audit_rate=args.audit_rate, batch=args.batch or 0, max_delay=args.max_delay,
                                  trace=not jobs))
     runs: List[dict] = []
     traces: Optional[dict] = None

@@ -515,8 +515,11 @@ class Router:
 
     # ------------------------------------------------------------------ replay support
     def _replay(self, rows, sat, cost, u_sat, u_report, delay, report_rate, *, u_audit=None, audit_rate=0.0,
-                features=None, pass_cost=False):
-        """Run a recorded stream through this router in native code (see slarouter.replay)."""
+                features=None, pass_cost=False, batch=0):
+        """Run a recorded stream through this router in native code (see slarouter.replay).
+
+        ``batch`` 0 routes each request with route(); B >= 1 routes B requests at a time through
+        the phases of route_batch (feedback due within a batch waits for the next one)."""
         dense = indptr = indices = values = None
         if self._dim:
             dense = np.ascontiguousarray(features, dtype=np.float32)
@@ -527,4 +530,4 @@ class Router:
             np.ascontiguousarray(cost, np.float64), np.ascontiguousarray(u_sat, np.float64),
             np.ascontiguousarray(u_report, np.float64), np.ascontiguousarray(delay, np.int32), float(report_rate),
             None if u_audit is None else np.ascontiguousarray(u_audit, np.float64), float(audit_rate), bool(pass_cost),
-            dense, indptr, indices, values)
+            dense, indptr, indices, values, int(batch))

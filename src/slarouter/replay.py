@@ -124,7 +124,7 @@ class RunContext:
     confidence: float = 0.95
     audit_rate: float = 0.0
     withhold_report_rate: bool = False
-    batch: int = 1
+    batch: int = 0  # slarouter only: 0 routes each request with route(), B >= 1 batches of B
     features: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
     list_cost: Optional[np.ndarray] = None  # what a user would configure: mean cost per model
     extra: Dict[str, object] = field(default_factory=dict)
@@ -154,6 +154,7 @@ def policy_slarouter(ctx: RunContext) -> Tuple[np.ndarray, Optional[np.ndarray]]
     model, _, _ = router._replay(
         s.rows, ds.sat, ds.cost, s.u_sat, s.u_report, s.delay, ctx.report_rate,
         u_audit=s.u_audit if ctx.audit_rate > 0 else None, audit_rate=ctx.audit_rate, features=ctx.features,
+        batch=ctx.batch,
     )
     return model, None
 
