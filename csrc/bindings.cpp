@@ -339,7 +339,7 @@ public:
                 d["weights"] = all_weights();
                 d["acc"] = e.acc;
                 d["rho"] = st.rho;
-                d["rho_false"] = cfg.rho_false;
+                d["rho_false"] = std::min(cfg.rho_false, 0.5 * st.rho);  // as the predictor uses it
             }
             return d;
         } catch (...) {

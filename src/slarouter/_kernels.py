@@ -1,8 +1,9 @@
-"""Numba kernels of the replay baselines (see slarouter.baselines and docs/replay.md).
+"""Numba kernels: the replay baselines (see slarouter.baselines and docs/replay.md) and batch
+routing on the CPU (backend "numba") and the GPU (backend "cupy", slarouter._gpu).
 
 The project's one module of Numba code. It imports numba at module level, so it is itself imported
 lazily, by the functions that first need a kernel; ``import slarouter`` never loads it. Every kernel
-takes its compile flags from ``_JIT``, and callers pass arguments of fixed dtypes (int32 rows and
+takes its compile flags from ``_JIT`` (``_CUDA_JIT`` for the GPU kernel), and the baselines' callers pass arguments of fixed dtypes (int32 rows and
 indices, int64 indptr, float64 everything else) so that each kernel compiles once per process.
 
 Features are a CSR matrix over the rows of one benchmark (indices compacted to ``0..n_features-1``;
@@ -271,6 +272,49 @@ def _logit(p):
     return math.log(p / (1.0 - p))
 
 
+@numba.jit(**_JIT)
+def _pick(regime, model, eps, nc, i, j, w, lw, tilt, adv, u1, u2):
+    """(model, 0), or (position in the plan's candidates, 1) for an exploring row: the decision of
+    one row from the plan, its draws u1, u2 and, in a tilted mix, its advantage ``adv``
+    (Router::decide_row). Shared by the CPU and GPU kernels (which hold the candidates)."""
+    if regime == 0:
+        if u1 < eps and nc > 0:
+            c = int(u2 * nc)  # min(nc - 1, .), written out: the CUDA target rejects this min
+            return (c if c < nc - 1 else nc - 1), 1
+        return model, 0
+    if regime == 1:
+        return model, 0
+    if w <= 0.0:
+        return i, 0
+    if w >= 1.0:
+        return j, 0
+    pj = w if adv == 0.0 else _plain_sigmoid(lw + tilt * adv)
+    return (j if u2 < pj else i), 0
+
+
+@numba.jit(**_JIT)
+def _tilted(regime, w, tilt):
+    """Whether rows of this plan need their scores: a mix of two models tilted per request."""
+    return regime == 2 and 0.0 < w < 1.0 and tilt > 0.0
+
+
+@numba.jit(**_JIT)
+def _advantage(dot_i, dot_j, spread_i, spread_j, beta, li, lj, acc_i, acc_j, gap, has_cost, cost_i, cost_j,
+               cmean_i, cmean_j):
+    """How much better than usual model j looks than model i for one row (Router::advantage), from
+    the row's dot products w_k . x and, when beta > 0, its spreads sum_c x_c^2 / (lambda0 + G_kc)."""
+    bj = beta * math.sqrt(spread_j) if beta > 0.0 else 0.0
+    bi = beta * math.sqrt(spread_i) if beta > 0.0 else 0.0
+    dj = _plain_sigmoid(lj + dot_j + bj) - acc_j
+    di = _plain_sigmoid(li + dot_i + bi) - acc_i
+    adv = (dj - di) / gap
+    if has_cost:
+        dc = cmean_j - cmean_i
+        if dc > 0.0:
+            adv -= ((cost_j - cost_i) - dc) / dc
+    return adv
+
+
 @numba.jit(parallel=True, **_JIT)
 def _route_rows(X, cost, has_cost, regime, model, eps, cand, i, j, w, tilt, beta, lambda0, acc_i, acc_j,
                 cmean_i, cmean_j, w_i, w_j, g_i, g_j, rng, models, explored):
@@ -281,37 +325,21 @@ def _route_rows(X, cost, has_cost, regime, model, eps, cand, i, j, w, tilt, beta
     li = _logit(acc_i)
     lj = _logit(acc_j)
     lw = _logit(w)
+    tilted = _tilted(regime, w, tilt)
     for r in numba.prange(B):
         u1 = _draw(rng, 2 * r + 1)
         u2 = _draw(rng, 2 * r + 2)
-        explored[r] = 0
-        if regime == 0:
-            if u1 < eps and nc > 0:
-                explored[r] = 1
-                models[r] = cand[min(nc - 1, int(u2 * nc))]
-            else:
-                models[r] = model
-        elif regime == 1:
-            models[r] = model
-        elif w <= 0.0:
-            models[r] = i
-        elif w >= 1.0:
-            models[r] = j
-        else:
-            adv = 0.0
-            if tilt > 0.0:
-                x = X[r]
-                bj = beta * math.sqrt(_lane_dot(g_j, x, lambda0)) if beta > 0.0 else 0.0
-                bi = beta * math.sqrt(_lane_dot(g_i, x, lambda0)) if beta > 0.0 else 0.0
-                dj = _plain_sigmoid(lj + _lane_dot(w_j, x, -1.0) + bj) - acc_j
-                di = _plain_sigmoid(li + _lane_dot(w_i, x, -1.0) + bi) - acc_i
-                adv = (dj - di) / gap
-                if has_cost:
-                    dc = cmean_j - cmean_i
-                    if dc > 0.0:
-                        adv -= ((cost[r, j] - cost[r, i]) - dc) / dc
-            pj = w if adv == 0.0 else _plain_sigmoid(lw + tilt * adv)
-            models[r] = j if u2 < pj else i
+        adv = 0.0
+        if tilted:
+            x = X[r]
+            si = _lane_dot(g_i, x, lambda0) if beta > 0.0 else 0.0
+            sj = _lane_dot(g_j, x, lambda0) if beta > 0.0 else 0.0
+            adv = _advantage(_lane_dot(w_i, x, -1.0), _lane_dot(w_j, x, -1.0), si, sj, beta, li, lj, acc_i, acc_j,
+                             gap, has_cost, cost[r, i] if has_cost else 0.0, cost[r, j] if has_cost else 0.0,
+                             cmean_i, cmean_j)
+        k, e = _pick(regime, model, eps, nc, i, j, w, lw, tilt, adv, u1, u2)
+        models[r] = cand[k] if e else k
+        explored[r] = e
 
 
 @numba.jit(**_JIT)
@@ -341,3 +369,53 @@ def _all_finite(X):
                 bad += 1
                 break
     return bad == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU kernel (slarouter._gpu): _route_rows for numba.cuda, on dot products computed by cuBLAS.
+# It calls the same jitted row functions as the CPU kernel (numba compiles them for the device).
+# Built on first use, since importing numba.cuda costs about 0.2 s; under NUMBA_ENABLE_CUDASIM=1
+# numba.cuda is the simulator and the kernel runs on NumPy arrays (tests/test_gpu_sim.py).
+
+_CUDA_JIT = dict(fastmath=False)
+_CUDA_KERNELS = {}
+cuda = None  # numba.cuda once _cuda_route_rows has run (a global, so that the simulator can swap it)
+
+
+def _cuda_route_rows():
+    """The per-row kernel, launched with one thread per row:
+
+    ``kernel[blocks, threads](dots, ci, cj, spread, cost, has_cost, regime, model, eps, cand, nc, i, j,
+    w, lw, tilt, beta, li, lj, acc_i, acc_j, gap, cmean_i, cmean_j, rng, first_id, ids, models,
+    explored)``. Row r's dot products with models i and j are ``dots[r, ci]`` and ``dots[r, cj]``,
+    its spreads ``spread[r, 0]`` and ``spread[r, 1]`` (read only when beta > 0), its cost estimates
+    ``cost[r, i]`` and ``cost[r, j]`` (read only when has_cost); ``cand`` holds ``nc`` candidates
+    (padded to one entry); ``li, lj, lw`` are the logits of acc_i, acc_j, w and ``gap`` is
+    ``max(acc_j - acc_i, 1e-3)``, as _route_rows computes them.
+    """
+    global cuda
+    kernel = _CUDA_KERNELS.get("route_rows")
+    if kernel is None:
+        from numba import cuda
+
+        def route_rows(dots, ci, cj, spread, cost, has_cost, regime, model, eps, cand, nc, i, j, w, lw, tilt, beta,
+                       li, lj, acc_i, acc_j, gap, cmean_i, cmean_j, rng, first_id, ids, models, explored):
+            r = cuda.grid(1)
+            if r >= models.shape[0]:
+                return
+            u1 = _draw(rng, 2 * r + 1)
+            u2 = _draw(rng, 2 * r + 2)
+            adv = 0.0
+            if _tilted(regime, w, tilt):
+                si = float(spread[r, 0]) if beta > 0.0 else 0.0
+                sj = float(spread[r, 1]) if beta > 0.0 else 0.0
+                adv = _advantage(float(dots[r, ci]), float(dots[r, cj]), si, sj, beta, li, lj, acc_i, acc_j, gap,
+                                 has_cost, cost[r, i] if has_cost else 0.0, cost[r, j] if has_cost else 0.0,
+                                 cmean_i, cmean_j)
+            k, e = _pick(regime, model, eps, nc, i, j, w, lw, tilt, adv, u1, u2)
+            models[r] = cand[k] if e else k
+            explored[r] = e
+            ids[r] = first_id + r
+
+        kernel = _CUDA_KERNELS["route_rows"] = cuda.jit(**_CUDA_JIT)(route_rows)
+    return kernel

@@ -1,0 +1,196 @@
+"""route_batch on the GPU (backend "cupy"): cuBLAS products through CuPy, one Numba CUDA thread per row.
+
+The phases are those of the CPU backends (docs/algorithm.md, "Batches"): the batch is validated
+on the device, ``Router.batch_begin`` freezes the plan, the device decides every row, and
+``Router.batch_commit`` records the rows. The decisions stay on the device; only what the router's
+state keeps comes back to the host: the models and exploration flags (5 bytes a row), the features
+of the last min(B, window) rows (those that stay pending) and, when rows close within the batch,
+their summed silent-step gradients (models x dim).
+
+On the device:
+- one product ``X @ [w_i, w_j]`` gives the dot products of the plan's pair (``X @ W.T`` over every
+  model when rows close within the batch: the same product then also serves their silent steps),
+  plus ``(X * X) @ [1 / (lambda0 + G_i), 1 / (lambda0 + G_j)]`` for the spreads when beta > 0;
+- the per-row kernel (``slarouter._kernels._cuda_route_rows``) runs the CPU kernel's row logic:
+  the splitmix64 draws, the three regimes and the tilt;
+- the silent steps' gradient is ``onehot(models, g).T @ X`` (cuBLAS again).
+
+cuBLAS sums the dot products in single precision and in another order than the CPU's 8 double
+lanes, so a row whose draw lies within about 1e-5 of its mix probability may be decided the other
+way; everything else is exactly the CPU's decision.
+
+``cp`` is the CuPy module. Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) it may be NumPy:
+the same code then runs on the host, which is how tests/test_gpu_sim.py checks it without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _backends as be
+from .errors import BackendUnavailableError
+
+_THREADS = 128  # threads per block of the row kernel
+
+_ALL_FINITE = {}  # the CuPy reduction that checks X, made on first use
+
+
+def route_batch(router: Any, cp: Any, X: Any, cost: Any, out: Any) -> Tuple[Any, Any]:
+    """The GPU backend of Router.route_batch: returns (ids int64[B], models int32[B]) on the device."""
+    if router._dim == 0:
+        raise ValueError("backend 'cupy' routes dense features only; this router hashes prompt text: "
+                         "route a sequence of str with backend='cpu'")
+    host = cp is np  # the CUDA simulator
+    if not host:
+        _check_numba_cuda()
+        if not be._is_cupy(X):
+            arr = np.asarray(X)
+            if arr.dtype.kind != "f":
+                raise TypeError(f"X must be a floating-point array, got dtype {arr.dtype}")
+            X = cp.asarray(arr)
+    Xd = be.check_dense(X, router._dim, cp)
+    B = Xd.shape[0]
+    K = len(router._names)
+    with _on_device(cp, Xd):
+        c = be.check_cost(cost, B, K, cp)
+        o = be.check_out(out, B, cp)
+        if o is not None and not host and not all(be._is_cupy(a) for a in o):
+            raise TypeError("out must hold CuPy arrays: the GPU backend leaves its results on the device")
+        if not _all_finite(cp, Xd):
+            raise ValueError("X contains NaN or infinite values")
+        ids, models = o if o is not None else (cp.empty(B, dtype=cp.int64), cp.empty(B, dtype=cp.int32))
+        explored = cp.empty(B, dtype=cp.uint8)
+        return _route(router, cp, Xd, c, ids, models, explored)
+
+
+def _route(router, cp, X, cost, ids, models, explored):
+    core = router._core
+    cfg = router._cfg
+    B = X.shape[0]
+    n_inner = max(0, B - cfg.window)  # rows that close within the batch
+    learn = n_inner > 0 and cfg.lr > 0
+    plan = core.batch_begin(B)  # holds the router's lock until batch_commit or batch_abort
+    try:
+        i, j, w, tilt, beta = plan["i"], plan["j"], plan["w"], plan["tilt"], plan["beta"]
+        tilted = plan["regime"] == 2 and 0.0 < w < 1.0 and tilt > 0.0
+        # The dot products the rows need, in one cuBLAS product.
+        Z = None
+        if learn:
+            Z = X @ cp.asarray(plan["weights"]).T  # (B, models)
+            dots, ci, cj = Z, i, j
+        elif tilted:
+            dots, ci, cj = X @ cp.asarray(np.stack([plan["w_i"], plan["w_j"]], axis=1)), 0, 1
+        else:
+            dots, ci, cj = cp.zeros((1, 2), dtype=cp.float32), 0, 1
+        if tilted and beta > 0.0:
+            G = np.stack([plan["g_i"], plan["g_j"]], axis=1).astype(np.float64)
+            spread = (X * X) @ cp.asarray((1.0 / (plan["lambda0"] + G)).astype(np.float32))
+        else:
+            spread = cp.zeros((1, 2), dtype=cp.float32)
+        if B > 0:
+            _launch(cp, _kernel_args(cp, plan, dots, ci, cj, spread, cost, ids, models, explored), B)
+        grad = _silent_grad(cp, X, Z, models, n_inner, plan) if learn else None
+        tail = _to_host(cp, X[n_inner:])
+        m_host = _to_host(cp, models)
+        e_host = _to_host(cp, explored)
+    except BaseException:
+        core.batch_abort()
+        raise
+    try:
+        core.batch_commit(m_host, e_host, np.ascontiguousarray(tail, dtype=np.float32), grad)
+    except BaseException:
+        core.batch_abort()  # a no-op when batch_commit already released the lock
+        raise
+    return ids, models
+
+
+def _kernel_args(cp, plan, dots, ci, cj, spread, cost, ids, models, explored) -> tuple:
+    """The row kernel's arguments (_kernels._cuda_route_rows) for a plan from batch_begin."""
+    nc = len(plan["cand"])
+    cand = np.zeros(max(1, nc), dtype=np.int32)  # padded: a kernel argument is never empty
+    cand[:nc] = plan["cand"]
+    has_cost = cost is not None
+    acc_i, acc_j, w = plan["acc_i"], plan["acc_j"], plan["w"]
+    return (dots, ci, cj, spread, cost if has_cost else cp.zeros((1, 1)), has_cost, plan["regime"], plan["model"],
+            plan["eps"], cp.asarray(cand), nc, plan["i"], plan["j"], w, _logit(w), plan["tilt"], plan["beta"],
+            _logit(acc_i), _logit(acc_j), acc_i, acc_j, max(acc_j - acc_i, 1e-3), plan["cmean_i"], plan["cmean_j"],
+            np.uint64(plan["rng"]), np.int64(plan["first_id"]), ids, models, explored)
+
+
+def _silent_grad(cp, X, Z, models, n, plan) -> np.ndarray:
+    """Summed silent-step gradients (models x dim, float64 on the host) of rows 0..n-1, which close
+    within the batch: _kernels._silent_grad with cuBLAS products."""
+    K = Z.shape[1]
+    rows = cp.arange(n)
+    k = models[:n]
+    logit_acc = cp.asarray(np.array([_logit(a) for a in plan["acc"]], dtype=np.float64))
+    p = 1.0 / (1.0 + cp.exp(-(logit_acc[k] + Z[rows, k].astype(cp.float64))))
+    rho, rf = plan["rho"], plan["rho_false"]
+    pi = cp.clip(rho * (1.0 - p) + rf * p, 1e-9, 1.0 - 1e-9)
+    dpi = (rf - rho) * p * (1.0 - p)
+    g = 1.0 / (1.0 - pi) * dpi  # -(y / pi - (1 - y) / (1 - pi)) * dpi at y = 0 (silence)
+    onehot = cp.zeros((n, K), dtype=cp.float32)
+    onehot[rows, k] = g.astype(cp.float32)
+    return np.ascontiguousarray(_to_host(cp, onehot.T @ X[:n]), dtype=np.float64)
+
+
+def _launch(cp, args, B: int) -> None:
+    from . import _kernels
+
+    kernel = _kernels._cuda_route_rows()
+    blocks = (B + _THREADS - 1) // _THREADS
+    if cp is np:
+        kernel[blocks, _THREADS](*args)
+        return
+    from numba import cuda
+
+    # On CuPy's current stream, so no synchronisation is needed between CuPy's work and the kernel.
+    ptr = cp.cuda.get_current_stream().ptr
+    stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+    dev = [cuda.as_cuda_array(a, sync=False) if hasattr(a, "__cuda_array_interface__") else a for a in args]
+    kernel[blocks, _THREADS, stream](*dev)
+
+
+def _all_finite(cp, X) -> bool:
+    if cp is np:
+        return bool(np.isfinite(X).all())
+    red = _ALL_FINITE.get("kernel")
+    if red is None:  # one pass over X, no temporary
+        red = _ALL_FINITE["kernel"] = cp.ReductionKernel("T x", "bool y", "isfinite(x)", "a && b", "y = a", "true",
+                                                          "slarouter_all_finite", reduce_type="bool")
+    return bool(red(X))
+
+
+def _to_host(cp, a) -> np.ndarray:
+    return a if cp is np else a.get()
+
+
+@contextlib.contextmanager
+def _on_device(cp, X):
+    """CuPy's and Numba's current device set to X's."""
+    if cp is np:
+        yield
+        return
+    from numba import cuda
+
+    with X.device, cuda.gpus[X.device.id]:
+        yield
+
+
+def _check_numba_cuda() -> None:
+    from numba import cuda
+
+    if not cuda.is_available():
+        raise BackendUnavailableError(
+            "backend 'cupy' runs its row kernel with Numba's CUDA target, which found no usable CUDA driver "
+            "and libNVVM (numba.cuda.is_available() is False; DEVELOPERS.md, 'GPU check', lists what to install)")
+
+
+def _logit(p: float) -> float:
+    """Router's logit (clipped to [1e-6, 1 - 1e-6]), in double precision on the host."""
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))

@@ -1,0 +1,216 @@
+"""The GPU backend without a GPU.
+
+Numba's CUDA simulator runs the row kernel (slarouter._kernels._cuda_route_rows) on the host, and
+slarouter._gpu runs its whole path with NumPy standing in for CuPy. Both are checked against
+backend="cpu" in a subprocess, because NUMBA_ENABLE_CUDASIM must be set before numba is imported:
+
+- given the dot products in float64, summed as the CPU sums them, the kernel makes exactly the
+  CPU's decisions (models, exploration, ids);
+- the whole path (float32 products, silent-step gradients from products, commit) makes the CPU's
+  decisions except, at most, on rows whose draw lies within 1e-5 of their mix probability, and
+  leaves the router in the CPU's state (exactly, when no row closes within the batch).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import slarouter
+from slarouter import BackendUnavailableError, Router
+
+D = 12  # not a multiple of the 8 summation lanes
+MODELS = [("small", 1.0), ("medium", 3.0), ("large", 10.0)]
+
+
+def _cupy_usable() -> bool:
+    try:
+        import cupy
+    except ImportError:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def test_backend_cupy_without_cupy_or_device_raises():
+    if _cupy_usable():
+        pytest.skip("CuPy and a CUDA device are present (tests/test_gpu.py runs the GPU)")
+    r = Router(MODELS, 0.8, report_rate=0.5, features=D)
+    r.route_batch(np.ones((5, D), np.float32))
+    before = r.to_bytes()
+    with pytest.raises(BackendUnavailableError, match="cupy"):
+        r.route_batch(np.ones((3, D), np.float32), backend="cupy")
+    assert r.to_bytes() == before
+
+
+def test_gpu_logic_under_the_cuda_simulator():
+    pkg = str(pathlib.Path(slarouter.__file__).resolve().parents[1])
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
+               PYTHONPATH=os.pathsep.join([pkg, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    code = f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); " \
+           "import test_gpu_sim; test_gpu_sim.simulated_checks()"
+    res = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "simulated checks passed" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# What the subprocess runs (under NUMBA_ENABLE_CUDASIM=1).
+
+def _stream(seed, window, beta, n_batches=20, max_batch=200, D=D):
+    """Batches (X, cost) and a router fed complaints that depend on the model and the request."""
+    rng = np.random.default_rng(seed)
+    tuning = {"beta": beta} if beta else None
+    router = Router(MODELS, 0.8, report_rate=0.5, features=D, seed=seed, feedback_window=window, tuning=tuning)
+    true_w = rng.standard_normal((3, D))
+    base = np.array([0.55, 0.75, 0.95])
+    for step in range(n_batches):
+        B = int(rng.integers(1, max_batch))
+        if step == n_batches // 2:
+            B = window + 57  # rows close within the batch
+        X = (rng.standard_normal((B, D)) * rng.uniform(0.5, 2.0)).astype(np.float32)
+        cost = rng.uniform(0.0, 12.0, (B, 3)) if step % 3 == 1 else None
+
+        def feedback(ids, models, X=X, B=B):
+            acc = np.clip(base[models] + 0.2 * np.tanh(np.einsum("bd,bd->b", X, true_w[models]) / 4), 0, 1)
+            bad = (rng.random(B) > acc) & (rng.random(B) < 0.5)
+            for i in np.asarray(ids)[bad]:
+                router.complain(int(i))
+
+        yield router, X, cost, feedback
+
+
+def _lane_dots(plan, X, which):
+    from slarouter import _kernels as kn
+
+    w = np.stack([plan[which + "_i"], plan[which + "_j"]])
+    sq = plan["lambda0"] if which == "g" else -1.0
+    return np.array([[kn._lane_dot(w[c], x, sq) for c in range(2)] for x in X], dtype=np.float64).reshape(-1, 2)
+
+
+def _mix_probability(plan, X, cost):
+    """Per row, the CPU's probability of serving j and the draw u2 (None outside a tilted mix)."""
+    from slarouter import _gpu
+    from slarouter import _kernels as kn
+
+    if not (plan["regime"] == 2 and 0.0 < plan["w"] < 1.0 and plan["tilt"] > 0.0):
+        return None
+    dots = _lane_dots(plan, X, "w")
+    spread = _lane_dots(plan, X, "g") if plan["beta"] > 0 else np.zeros_like(dots)
+    acc_i, acc_j, i, j = plan["acc_i"], plan["acc_j"], plan["i"], plan["j"]
+    pj, u2 = [], []
+    for r in range(len(X)):
+        adv = kn._advantage(dots[r, 0], dots[r, 1], spread[r, 0], spread[r, 1], plan["beta"], _gpu._logit(acc_i),
+                            _gpu._logit(acc_j), acc_i, acc_j, max(acc_j - acc_i, 1e-3), cost is not None,
+                            cost[r, i] if cost is not None else 0.0, cost[r, j] if cost is not None else 0.0,
+                            plan["cmean_i"], plan["cmean_j"])
+        pj.append(plan["w"] if adv == 0.0 else kn._plain_sigmoid(_gpu._logit(plan["w"]) + plan["tilt"] * adv))
+        u2.append(kn._draw(np.uint64(plan["rng"]), 2 * r + 2))
+    return np.array(pj), np.array(u2)
+
+
+def _weights(router):
+    c = Router.from_bytes(router.to_bytes())
+    plan = c._core.batch_begin(0)
+    c._core.batch_abort()
+    return plan["weights"]
+
+
+def _check_kernel_exact(seed, window, beta, seen):
+    """The simulated kernel on float64 lane dot products makes exactly the CPU's decisions."""
+    from slarouter import _gpu
+
+    for router, X, cost, feedback in _stream(seed, window, beta):
+        state = router.to_bytes()
+        cpu = Router.from_bytes(state)
+        explored_before = cpu.stats()["explored"]
+        ids_cpu, m_cpu = cpu.route_batch(X, cost=cost, backend="cpu")
+        sim = Router.from_bytes(state)
+        B = len(X)
+        plan = sim._core.batch_begin(B)
+        try:
+            seen.add((plan["regime"], 0.0 < plan["w"] < 1.0, cost is not None, B > window))
+            dots = _lane_dots(plan, X, "w")
+            spread = _lane_dots(plan, X, "g") if beta else np.zeros((1, 2))
+            ids, models, explored = np.empty(B, np.int64), np.empty(B, np.int32), np.empty(B, np.uint8)
+            _gpu._launch(np, _gpu._kernel_args(np, plan, dots, 0, 1, spread, cost, ids, models, explored), B)
+        finally:
+            sim._core.batch_abort()
+        assert (models == m_cpu).all(), (seed, window, beta, plan["regime"], np.flatnonzero(models != m_cpu))
+        assert (ids == ids_cpu).all()
+        assert int(explored.sum()) == cpu.stats()["explored"] - explored_before
+        router.route_batch(X, cost=cost, backend="cpu")
+        feedback(ids_cpu, m_cpu)
+
+
+def _sim_route(router, X, cost):
+    """slarouter._gpu with NumPy for CuPy: float32 products, the simulated kernel, the commit."""
+    from slarouter import _gpu
+
+    out = (np.full(len(X), -1, np.int64), np.full(len(X), -1, np.int32))
+    ids, models = _gpu.route_batch(router, np, X, cost, out)
+    assert ids is out[0] and models is out[1]
+    return ids, models
+
+
+def _check_gpu_path(seed, window, beta, seen, route=_sim_route, D=D):
+    """The GPU path (``route(router, X, cost) -> (ids, models)`` on the host) against backend="cpu":
+    the same decisions except on rows within 1e-5 of their mix probability, the same state."""
+    for router, X, cost, feedback in _stream(seed, window, beta, D=D):
+        state = router.to_bytes()
+        cpu = Router.from_bytes(state)
+        ids_cpu, m_cpu = cpu.route_batch(X, cost=cost, backend="cpu")
+        probe = Router.from_bytes(state)
+        plan = probe._core.batch_begin(len(X))
+        probe._core.batch_abort()
+        sim = Router.from_bytes(state)
+        ids, models = route(sim, X, cost)
+        assert (ids == ids_cpu).all()
+        differ = np.flatnonzero(models != m_cpu)
+        if differ.size:
+            pu = _mix_probability(plan, X, cost)
+            assert pu is not None, (seed, plan["regime"], differ)
+            pj, u2 = pu
+            assert (np.abs(u2[differ] - pj[differ]) < 1e-5).all(), (seed, differ, u2[differ] - pj[differ])
+            seen.add("borderline")
+        elif len(X) <= window:
+            assert sim.to_bytes() == cpu.to_bytes()
+        else:
+            assert sim.stats()["models"] == cpu.stats()["models"]
+            np.testing.assert_allclose(_weights(sim), _weights(cpu), rtol=1e-4, atol=1e-6)
+        router.route_batch(X, cost=cost, backend="cpu")
+        feedback(ids_cpu, m_cpu)
+    # Bad input raises before anything changes.
+    before = router.to_bytes()
+    bad = np.ones((4, D), np.float32)
+    bad[2, 3] = np.nan
+    try:
+        route(router, bad, None)
+    except ValueError as exc:
+        assert "NaN" in str(exc)
+    else:
+        raise AssertionError("NaN features were accepted")
+    assert router.to_bytes() == before
+
+
+def simulated_checks():
+    from numba import config
+
+    assert config.ENABLE_CUDASIM, "run with NUMBA_ENABLE_CUDASIM=1"
+    seen = set()
+    for seed, window, beta in [(0, 64, 0.0), (1, 256, 0.5), (2, 1024, 0.0)]:
+        _check_kernel_exact(seed, window, beta, seen)
+        _check_gpu_path(seed + 10, window, beta, seen)
+    # The streams reach every regime, tilted mixes with and without cost estimates, and batches
+    # with rows that close within them.
+    regimes = {s[0] for s in seen if isinstance(s, tuple)}
+    assert regimes == {0, 1, 2}, seen
+    assert any(s[0] == 2 and s[1] and s[2] for s in seen if isinstance(s, tuple)), seen
+    assert any(s[3] for s in seen if isinstance(s, tuple)), seen
+    print("simulated checks passed", sorted(seen, key=str))
