@@ -2,32 +2,45 @@
 
 ``ReferenceRouter`` re-implements ``csrc/slarouter/router.hpp`` (and the featurizer of
 ``features.hpp`` and the generator of ``rng.hpp``) one rule at a time, in the same order and with
-the same floating-point operations, so that it makes exactly the same decisions as the C++ core.
-It is written for reading, not for speed: plain loops, no vectorisation.
+the same floating-point operations, so that it makes exactly the same decisions as the C++ core and
+ends in exactly the same state (:meth:`ReferenceRouter.save_state` writes the bytes of
+``Router::save_state``). It is written for reading, not for speed: plain loops, no vectorisation.
 
 Conventions that make the two agree bit for bit:
 
 - 64-bit unsigned arithmetic (the generator, FNV-1a hashing) uses Python ints masked to 64 bits.
 - What C++ stores as ``float`` (predictor weights, AdaGrad accumulators, feature values) is rounded
   to float32 (:func:`f32`) at exactly the points where C++ stores it; weights and accumulators live
-  in float32 arrays laid out as in C++ and are read back with ``float(...)``, so every operation is
-  a double operation, as in C++, and no NumPy float32 scalar ever takes part in arithmetic.
-- What C++ accumulates in ``double`` is a Python float, summed in the same order and with the same
-  association (``a * b / c`` is ``(a * b) / c`` in both languages).
+  in float32 arrays laid out as in C++ and are read back with ``float(...)``.
+- What C++ computes in ``double`` is a Python float, summed in the same order and with the same
+  association (``a * b / c`` is ``(a * b) / c`` in both languages). Dense dot products accumulate
+  in 8 lanes (:func:`lane_sum`), as ``Router::lane_sum`` does.
+- What C++ computes in ``float`` (the AdaGrad steps) is one double operation on float32 values
+  rounded to float32 (:func:`f32`) after every operation. For +, -, *, / and sqrt this is exactly
+  the IEEE single-precision result (a double holds more than twice float's precision, so the
+  double rounding is innocuous).
 - ``std::min`` / ``std::max`` are :func:`_min` / :func:`_max`, which return the first argument
   unless the second is strictly smaller / larger, exactly as the C++ templates (this matters only
   for NaN).
 - ``std::exp`` / ``std::sqrt`` / ``std::pow`` / ``std::log`` are the ``math`` functions (the same
-  libm); the few divisions whose denominator degenerate tuning constants can make zero use
-  :func:`_div`, which returns what IEEE division returns instead of raising.
+  libm). Every tuning constant now has a validated range (``_defaults.TUNING_RANGE``) that keeps
+  every denominator positive, so divisions are plain Python divisions: a zero denominator would
+  raise ``ZeroDivisionError`` here instead of quietly giving NaN.
 
 The configuration is read from a ``slarouter.Router``'s ``config`` dict and mapped to the C++
 ``Config`` exactly as ``Router.__init__`` does, so both routers are built from one source of truth.
+
+Batches (``Router.route_batch``) are :meth:`ReferenceRouter.route_batch`: ``batch_begin`` (close
+what leaves the window because of the batch, refresh if a refresh falls in it, freeze the plan and
+the generator), one decision per row from the frozen plan with draws ``2r+1`` and ``2r+2``, and
+``batch_commit`` (one minibatch AdaGrad step per model for rows that close within the batch, then
+the pending rows).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections import Counter
 from statistics import NormalDist
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -38,8 +51,9 @@ from slarouter import _defaults
 
 __all__ = [
     "APPLIED", "CLOSED", "UNKNOWN", "DUPLICATE",
-    "splitmix64_next", "uniform01", "mix64", "hash_text", "sigmoid", "logit", "frontier",
-    "ReferenceRouter",
+    "SERVE_BEST", "SERVE_ONE", "MIX", "STATE_LAYOUT",
+    "splitmix64_next", "uniform01", "draw", "mix64", "hash_text", "sigmoid", "logit", "frontier",
+    "lane_sum", "parse_state", "Plan", "ReferenceRouter",
 ]
 
 # Status codes of complain / audit / observe_cost (router.hpp, enum Status).
@@ -86,16 +100,6 @@ def _max(a: float, b: float) -> float:
     return b if a < b else a
 
 
-def _div(a: float, b: float) -> float:
-    """IEEE 754 division ``a / b`` (C++ semantics: no exception when ``b`` is zero)."""
-    if b != 0.0:
-        return a / b
-    if a != a or a == 0.0:
-        return math.nan
-    negative = (a < 0.0) != (math.copysign(1.0, b) < 0.0)
-    return -math.inf if negative else math.inf
-
-
 def _exp(x: float) -> float:
     """``std::exp``: overflows to infinity instead of raising."""
     try:
@@ -134,6 +138,11 @@ def uniform01(state: int) -> Tuple[int, float]:
     """A uniform double in [0, 1) from the top 53 bits of the next output: (new state, u)."""
     state, out = splitmix64_next(state)
     return state, (out >> 11) * 2.0**-53
+
+
+def draw(state: int, i: int) -> float:
+    """Draw ``i`` (1-based) after generator state ``state``, without advancing it (Router::draw)."""
+    return uniform01((state + (i - 1) * 0x9E3779B97F4A7C15) & MASK64)[1]
 
 
 def mix64(z: int) -> int:
@@ -198,6 +207,17 @@ def hash_text(text: Any, bits: int, max_features: int) -> Tuple[List[int], List[
 
 
 # ---------------------------------------------------------------------------------------------
+# Dense sums (router.hpp, Router::lane_sum)
+# ---------------------------------------------------------------------------------------------
+def lane_sum(terms: Sequence[float]) -> float:
+    """Sum of ``terms`` in 8 lanes (term j goes to lane j % 8), the lanes added pairwise at the end."""
+    lane = [0.0] * 8
+    for j, v in enumerate(terms):
+        lane[j % 8] += v
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+
+
+# ---------------------------------------------------------------------------------------------
 # The frontier (router.hpp, Router::frontier)
 # ---------------------------------------------------------------------------------------------
 def frontier(cost: Sequence[float], acc: Sequence[float]) -> List[int]:
@@ -222,6 +242,47 @@ def frontier(cost: Sequence[float], acc: Sequence[float]) -> List[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Serialised state (router.hpp, Router::save_state)
+# ---------------------------------------------------------------------------------------------
+# Field name and type of every record of the payload, in order: a scalar (struct format) or a
+# length-prefixed vector (NumPy dtype).
+STATE_LAYOUT: List[Tuple[str, Any]] = [
+    ("t", "q"), ("rng", "Q"), ("complaints_total", "q"), ("late_complaints", "q"), ("audits_total", "q"),
+    ("explored", "q"), ("rho_n", "q"), ("rho_c", "q"),
+    ("served", np.int64), ("closed", np.int64), ("complaints", np.int64), ("audits", np.int64),
+    ("audits_sat", np.int64), ("cost_n", np.int64), ("cost_sum", np.float64), ("slot_model", np.int32),
+    ("slot_flags", np.uint8), ("slot_nnz", np.int32), ("slot_idx", np.int32), ("slot_val", np.float32),
+    ("pend", np.int64), ("pendnc", np.int64), ("delay_hist", np.int64), ("weights", np.float32),
+    ("adagrad", np.float32), ("acc_cache", np.float64),
+    ("next_refresh", "q"), ("closed_upto", "q"),
+    ("est.rho", "d"), ("est.unsat", "d"), ("est.var", "d"), ("est.margin", "d"), ("est.tau", "d"),
+    ("est.deficit", "d"), ("est.tau_eff", "d"), ("est.payback", "d"), ("est.rho_false", "d"),
+    ("est.n", "q"), ("est.complaints", "q"),
+    ("est.acc", np.float64), ("est.sd", np.float64), ("est.lcb", np.float64), ("est.ucb", np.float64),
+    ("est.cnorm", np.float64), ("est.cmean", np.float64), ("est.exposure", np.float64), ("est.hull", np.int32),
+]
+
+
+def parse_state(blob: bytes) -> Dict[str, Any]:
+    """A ``save_state()`` payload, field by field (scalars as ints / floats, vectors as arrays)."""
+    pos = 0
+    out: Dict[str, Any] = {}
+    for name, kind in STATE_LAYOUT:
+        if isinstance(kind, str):
+            (out[name],) = struct.unpack_from("<" + kind, blob, pos)
+            pos += struct.calcsize(kind)
+        else:
+            (n,) = struct.unpack_from("<Q", blob, pos)
+            pos += 8
+            arr = np.frombuffer(blob, dtype=kind, count=n, offset=pos)
+            pos += arr.nbytes
+            out[name] = arr
+    if pos != len(blob):
+        raise ValueError(f"state has {len(blob) - pos} trailing bytes")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The router
 # ---------------------------------------------------------------------------------------------
 class Features:
@@ -236,17 +297,20 @@ class Features:
 
 
 class Estimates:
-    """Per-model estimates and the SLA accounting (router.hpp, struct Estimates)."""
+    """Per-model estimates and the SLA accounting (router.hpp, struct Estimates).
 
-    def __init__(self, K: int) -> None:
+    A default-constructed one (no refresh yet) has empty per-model vectors, as in C++.
+    """
+
+    def __init__(self) -> None:
         self.rho = 1.0
-        self.acc = [0.0] * K
-        self.sd = [0.0] * K
-        self.lcb = [0.0] * K
-        self.ucb = [0.0] * K
-        self.cnorm = [0.0] * K
-        self.cmean = [0.0] * K
-        self.exposure = [0.0] * K
+        self.acc: List[float] = []
+        self.sd: List[float] = []
+        self.lcb: List[float] = []
+        self.ucb: List[float] = []
+        self.cnorm: List[float] = []
+        self.cmean: List[float] = []
+        self.exposure: List[float] = []
         self.hull: List[int] = []
         self.unsat = 0.0
         self.var = 0.0
@@ -254,15 +318,58 @@ class Estimates:
         self.tau = 0.0
         self.deficit = 0.0
         self.tau_eff = 0.0
-        self.n = 0
+        self.payback = 1.0  # deficit payback horizon H
+        self.rho_false = 0.0  # false-complaint rate in use
+        self.n = 0  # requests routed when computed
+        self.complaints = 0  # complaints received when computed
+
+
+class Dual:
+    """The dual state for the next decision (router.hpp, struct Dual and Router::dual_locked)."""
+
+    def __init__(self, deficit: float, tau_eff: float, eps: float, valve: bool, n: int) -> None:
+        self.deficit = deficit
+        self.tau_eff = tau_eff
+        self.eps = eps
+        self.valve = valve
+        self.n = n
+
+
+SERVE_BEST, SERVE_ONE, MIX = 0, 1, 2  # Plan::Regime
+
+
+class Plan:
+    """What the dual state decides for every request until it changes (router.hpp, struct Plan)."""
+
+    def __init__(self) -> None:
+        self.regime = SERVE_ONE
+        self.model = 0  # SERVE_BEST, SERVE_ONE: the model served
+        self.eps = 0.0  # SERVE_BEST: exploration probability ...
+        self.cand: List[int] = []  # ... over these candidates
+        self.i = 0  # MIX: the pair, cheaper first ...
+        self.j = 0
+        self.w = 0.0  # ... and the base probability of j
+        self.valve = False  # not in C++: whether the safety valve chose SERVE_BEST (branch counts)
+
+
+class BatchStart:
+    """What batch_begin freezes (router.hpp, struct Router::BatchStart)."""
+
+    def __init__(self, plan: Plan, rng: int, first_id: int, rho: float) -> None:
+        self.plan = plan
+        self.rng = rng
+        self.first_id = first_id
+        self.rho = rho
 
 
 class ReferenceRouter:
     """The engine's decision and update rules, transcribed from ``router.hpp``.
 
     ``config`` is a ``slarouter.Router(...).config`` dict. ``route`` returns ``(request_id,
-    model_index)``; ``complain`` / ``audit`` / ``observe_cost`` return the C++ status codes
-    (:data:`APPLIED`, :data:`CLOSED`, :data:`UNKNOWN`, :data:`DUPLICATE`).
+    model_index)``; ``route_batch`` ``(request_ids, model_indices)``; ``complain`` / ``audit`` /
+    ``observe_cost`` return the C++ status codes (:data:`APPLIED`, :data:`CLOSED`, :data:`UNKNOWN`,
+    :data:`DUPLICATE`); ``complain_batch`` a list of statuses, or ``(status, id)`` of the id that
+    makes the whole batch fail. ``save_state`` returns the bytes of ``Router::save_state``.
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -287,7 +394,10 @@ class ReferenceRouter:
         tuning = dict(_defaults.TUNING)
         tuning.update(config.get("tuning") or {})
         for key, value in tuning.items():
-            setattr(self, key, float(value))  # eps_max, eps_c, z_lcb, ..., valve
+            # eps_max, eps_c, z_lcb, ..., valve (doubles in C++) and refresh (an int).
+            setattr(self, key, type(_defaults.TUNING[key])(value))
+            lo, hi, closed = _defaults.TUNING_RANGE[key]
+            assert (lo <= value if closed else lo < value) and value <= hi, (key, value)
         if not 1 <= self.K <= 256:
             raise ValueError("between 1 and 256 models are supported")
         if self.bins < 1 or self.window < self.bins or self.window % self.bins != 0:
@@ -297,6 +407,7 @@ class ReferenceRouter:
         self.bin_width = self.window // self.bins
         self.nb_ring = self.bins + 1  # delay buckets that can hold a pending request
         self.hashed = self.dim == 0
+        self.slot_width = self.max_features if self.hashed else self.dim
         n_weights = (1 << self.hash_bits) * K if self.hashed else self.dim * K
 
         # State (the C++ members, in the order save_state writes them).
@@ -315,9 +426,13 @@ class ReferenceRouter:
         self.audits_sat = [0] * K
         self.cost_n = [0] * K
         self.cost_sum = [0.0] * K
+        # The ring of pending requests. A slot's feature buffer keeps whatever a longer earlier
+        # request left past the current one's features, as in C++ (it is saved too).
         self.slot_model = [-1] * W
         self.slot_flags = [0] * W
-        self.slot_feats: List[Optional[Features]] = [None] * W
+        self.slot_nnz = [0] * W
+        self.slot_idx = np.zeros(W * self.slot_width if self.hashed else 0, dtype=np.int32)
+        self.slot_val = np.zeros(W * self.slot_width, dtype=np.float32)
         self.pend = [[0] * self.nb_ring for _ in range(K)]  # pending requests per model and bucket
         self.pendnc = [[0] * self.nb_ring for _ in range(K)]  # ... of which without a complaint
         self.delay_hist = [0] * self.bins
@@ -326,6 +441,9 @@ class ReferenceRouter:
         self.weights = np.zeros(n_weights, dtype=np.float32)
         self.adagrad = np.zeros(n_weights, dtype=np.float32)
         self.acc_cache = [0.5 if math.isnan(p) else p for p in self.prior]
+        self.next_refresh = 0  # the estimates in use are recomputed at the first request from here
+        self.closed_upto = 0  # every id below this one is closed
+        self.est = Estimates()  # the estimates in use between refreshes
         # Not engine state: how often each branch of the decision was taken (for the tests).
         self.branch_counts: Counter = Counter()
 
@@ -339,6 +457,27 @@ class ReferenceRouter:
         assert arr.shape == (self.dim,)
         return Features([float(v) for v in arr])
 
+    def _store_features(self, s: int, f: Features) -> None:
+        """Copy a request's features into slot s (store_features)."""
+        base = s * self.slot_width
+        if self.hashed:
+            n = min(len(f.idx), self.max_features)
+            self.slot_idx[base:base + n] = f.idx[:n]
+            self.slot_val[base:base + n] = f.val[:n]
+            self.slot_nnz[s] = n
+        else:
+            self.slot_val[base:base + self.dim] = f.val
+            self.slot_nnz[s] = self.dim
+
+    def _slot_view(self, s: int) -> Features:
+        """The features stored in slot s (slot_view)."""
+        base = s * self.slot_width
+        n = self.slot_nnz[s]
+        val = [float(v) for v in self.slot_val[base:base + n]]
+        if self.hashed:
+            return Features(val, [int(i) for i in self.slot_idx[base:base + n]])
+        return Features(val)
+
     def _feature_terms(self, k: int, f: Features) -> List[Tuple[int, float]]:
         """(flat weight index, feature value) of model k for every feature, in feature order."""
         if self.hashed:
@@ -346,17 +485,23 @@ class ReferenceRouter:
         return [(k * self.dim + j, f.val[j]) for j in range(self.dim)]
 
     def dot(self, k: int, f: Features) -> float:
-        """w_k . phi(x), accumulated in double in feature order."""
+        """w_k . phi(x) in double: in feature order (hashed), in 8 lanes (dense)."""
+        terms = [float(self.weights[ix]) * v for ix, v in self._feature_terms(k, f)]
+        if not self.hashed:
+            return lane_sum(terms)
         acc = 0.0
-        for ix, v in self._feature_terms(k, f):
-            acc += float(self.weights[ix]) * v
+        for v in terms:
+            acc += v
         return acc
 
     def spread(self, k: int, f: Features) -> float:
-        """sqrt(sum_j phi_j^2 / (lambda0 + G_kj))."""
+        """sqrt(sum_j phi_j^2 / (lambda0 + G_kj)), summed as dot() sums."""
+        terms = [v * v / (self.lambda0 + float(self.adagrad[ix])) for ix, v in self._feature_terms(k, f)]
+        if not self.hashed:
+            return _sqrt(lane_sum(terms))
         acc = 0.0
-        for ix, v in self._feature_terms(k, f):
-            acc += _div(v * v, self.lambda0 + float(self.adagrad[ix]))
+        for v in terms:
+            acc += v
         return _sqrt(acc)
 
     def predict(self, x: Any) -> List[float]:
@@ -366,34 +511,123 @@ class ReferenceRouter:
 
     # ---- routing -----------------------------------------------------------------------------
     def route(self, x: Any, cost: Optional[Sequence[float]] = None) -> Tuple[int, int]:
+        """One request (route_locked)."""
         f = self.features(x)
         c = None if cost is None else [float(v) for v in np.asarray(cost, dtype=np.float64)]
         rid = self.t
-        # The request leaving the window closes first.
-        if rid >= self.window:
-            self._close(rid - self.window)
-        e = self._refresh()
-        self.acc_cache = list(e.acc)
+        # The request leaving the window closes first; the estimates are refreshed every
+        # `refresh` requests, and in between the queue advances from the cached ones.
+        self._close_before(rid + 1 - self.window)
+        if self.t >= self.next_refresh:
+            self._refresh_in_use(self.t)
+        plan = self._plan(self.est, self._dual())
         self.rng, u1 = uniform01(self.rng)
         self.rng, u2 = uniform01(self.rng)
-        k, explored = self._decide(e, f, c, u1, u2)
-        # Record the pending request.
+        k, explored = self._decide_row(plan, f, c, u1, u2)
+        self._record(rid, k, explored, f)
+        self.t += 1
+        return rid, k
+
+    def _refresh_in_use(self, t0: int) -> None:
+        self.est = self._refresh()
+        self.acc_cache = list(self.est.acc)
+        self.next_refresh = t0 + self.refresh
+
+    def _record(self, rid: int, k: int, explored: bool, f: Features) -> None:
+        """Record a pending request (the end of route_locked and of batch_commit_locked)."""
         s = rid % self.window
         self.slot_model[s] = k
         self.slot_flags[s] = EXPLORED if explored else 0
-        if self.hashed:
-            n = min(len(f.idx), self.max_features)
-            self.slot_feats[s] = Features(f.val[:n], f.idx[:n])
-        else:
-            self.slot_feats[s] = Features(list(f.val))
+        self._store_features(s, f)
         b = self._bucket_of(rid)
         self.pend[k][b] += 1
         self.pendnc[k][b] += 1
         self.served[k] += 1
         if explored:
             self.explored += 1
-        self.t += 1
-        return rid, k
+
+    # ---- batches -----------------------------------------------------------------------------
+    def route_batch(self, X: Sequence[Any], cost: Optional[Any] = None) -> Tuple[List[int], List[int]]:
+        """A batch of requests (PyRouter::route_batch_py): every row is decided from the dual
+        state at batch start, row r with draws 2r+1 and 2r+2 after the frozen generator state."""
+        feats = [self.features(x) for x in X]
+        B = len(feats)
+        costs = None if cost is None else np.asarray(cost, dtype=np.float64).reshape(B, self.K)
+        start = self.batch_begin(B)
+        models: List[int] = []
+        explored: List[bool] = []
+        for r in range(B):
+            u1 = draw(start.rng, 2 * r + 1)
+            u2 = draw(start.rng, 2 * r + 2)
+            c = None if costs is None else [float(v) for v in costs[r]]
+            k, e = self._decide_row(start.plan, feats[r], c, u1, u2)
+            models.append(k)
+            explored.append(e)
+        self.batch_commit(models, explored, feats)
+        return list(range(start.first_id, start.first_id + B)), models
+
+    def batch_begin(self, B: int) -> BatchStart:
+        """Phase 1 (batch_begin_locked): close the requests the batch pushes out of the window,
+        refresh if a refresh falls within the batch, freeze the plan and the generator."""
+        t0 = self.t
+        self._close_before(min(t0 + B, t0 + self.window) - self.window)
+        if t0 + B > self.next_refresh:
+            self._refresh_in_use(t0)
+        return BatchStart(self._plan(self.est, self._dual()), self.rng, t0, self._rho_current())
+
+    def batch_commit(self, models: Sequence[int], explored: Sequence[bool], feats: Sequence[Features]) -> None:
+        """Phase 3 (batch_commit_locked): rows that close within the batch (the first B - window)
+        never become pending; their silent gradients, computed on the weights at batch start, are
+        summed per model and applied as one AdaGrad step per model. The others become pending."""
+        B = len(models)
+        t0 = self.t
+        K = self.K
+        n_inner = max(0, B - self.window)
+        rho = self._rho_current()
+        has = [False] * K
+        grad = [[0.0] * self.dim for _ in range(K)]  # dense: per model and coordinate
+        sparse: List[List[Tuple[int, float]]] = [[] for _ in range(K)]  # hashed: (bucket, term)
+        for r in range(n_inner):
+            k = models[r]
+            self.served[k] += 1
+            self.closed[k] += 1
+            if explored[r]:
+                self.explored += 1
+            has[k] = True
+            if self.lr > 0.0:
+                f = feats[r]
+                g = self._gradient(k, f, OBS_COMPLAINT, 0.0, rho)
+                if self.hashed:
+                    for j in range(len(f.idx)):
+                        sparse[k].append((f.idx[j], g * f.val[j]))
+                else:
+                    for j in range(self.dim):
+                        grad[k][j] += g * f.val[j]
+        if self.lr > 0.0 and n_inner > 0:
+            for k in range(K):
+                if not has[k]:
+                    continue
+                if self.hashed:
+                    # std::stable_sort by bucket, then each bucket's terms summed in that order.
+                    terms = sorted(sparse[k], key=lambda term: term[0])
+                    a = 0
+                    while a < len(terms):
+                        total = 0.0
+                        e = a
+                        while e < len(terms) and terms[e][0] == terms[a][0]:
+                            total += terms[e][1]
+                            e += 1
+                        self._adagrad_step(terms[a][0] * K + k, total)
+                        a = e
+                else:
+                    for j in range(self.dim):
+                        self._adagrad_step(k * self.dim + j, grad[k][j])
+        for r in range(n_inner, B):
+            self._record(t0 + r, models[r], explored[r], feats[r])
+        if n_inner > 0:
+            self.closed_upto = t0 + n_inner  # batch_begin closed every earlier request
+        self.rng = (self.rng + 2 * B * 0x9E3779B97F4A7C15) & MASK64
+        self.t = t0 + B
 
     # ---- feedback ----------------------------------------------------------------------------
     def _check_id(self, rid: int) -> int:
@@ -402,6 +636,13 @@ class ReferenceRouter:
         if rid < self.t - self.window:
             return CLOSED
         return APPLIED
+
+    def _complaint_status(self, rid: int) -> int:
+        """What complain would answer, without changing anything (complaint_status_locked)."""
+        st = self._check_id(rid)
+        if st != APPLIED:
+            return st
+        return DUPLICATE if self.slot_flags[rid % self.window] & COMPLAINED else APPLIED
 
     def complain(self, rid: int) -> int:
         st = self._check_id(rid)
@@ -422,6 +663,21 @@ class ReferenceRouter:
         self.pendnc[k][self._bucket_of(rid)] -= 1
         self._learn(k, s, OBS_COMPLAINT, 1.0)
         return APPLIED
+
+    def complain_batch(self, ids: Sequence[int]) -> Any:
+        """Complaints for many ids (PyRouter::complain_batch_py). Every id is checked first: the
+        smallest id repeated within the batch while its window is open, else the first unknown or
+        already-complained id, makes the batch fail as ``(status, id)`` with nothing applied.
+        Otherwise the complaints are applied in order and their statuses returned."""
+        seen = sorted(ids)
+        for a in range(len(seen) - 1):
+            if seen[a] == seen[a + 1] and self._check_id(seen[a]) == APPLIED:
+                return DUPLICATE, seen[a]
+        for rid in ids:
+            st = self._complaint_status(rid)
+            if st in (UNKNOWN, DUPLICATE):
+                return st, rid
+        return [self.complain(rid) for rid in ids]
 
     def audit(self, rid: int, satisfied: bool) -> int:
         st = self._check_id(rid)
@@ -456,7 +712,7 @@ class ReferenceRouter:
 
     # ---- introspection -----------------------------------------------------------------------
     def estimates(self) -> Dict[str, Any]:
-        """The same dict as ``slarouter._core.Router.estimates()``."""
+        """The same dict as ``slarouter._core.Router.estimates()`` (fresh estimates)."""
         e = self._refresh()
         return {
             "rho": e.rho,
@@ -492,34 +748,67 @@ class ReferenceRouter:
             "audits_per_model": list(self.audits),
         }
 
+    def save_state(self) -> bytes:
+        """The bytes ``Router::save_state`` writes for this state (layout: :data:`STATE_LAYOUT`)."""
+        e = self.est
+        values = {
+            "pend": [n for row in self.pend for n in row],
+            "pendnc": [n for row in self.pendnc for n in row],
+            **{f"est.{name}": getattr(e, name) for name in (
+                "rho", "unsat", "var", "margin", "tau", "deficit", "tau_eff", "payback", "rho_false", "n",
+                "complaints", "acc", "sd", "lcb", "ucb", "cnorm", "cmean", "exposure", "hull")},
+        }
+        out = []
+        for name, kind in STATE_LAYOUT:
+            v = values[name] if name in values else getattr(self, name)
+            if isinstance(kind, str):
+                out.append(struct.pack("<" + kind, v))
+            else:
+                arr = np.ascontiguousarray(v, dtype=kind)
+                out.append(struct.pack("<Q", arr.size) + arr.tobytes())
+        return b"".join(out)
+
     # ---- internals ---------------------------------------------------------------------------
     def _bucket_of(self, rid: int) -> int:
         return (rid // self.bin_width) % self.nb_ring
 
-    def _learn(self, k: int, s: int, obs: int, y: float) -> None:
-        """One AdaGrad step of model k's predictor on the request in slot s (learn_locked)."""
-        if self.lr <= 0.0:
-            return
-        f = self.slot_feats[s]
+    def _gradient(self, k: int, f: Features, obs: int, y: float, rho: float) -> float:
+        """d(negative log-likelihood)/dz of model k's predictor (Router::gradient): a complaint
+        (y = 1) or silence (y = 0) at report rate rho, or an audit label y."""
         z = logit(self.acc_cache[k]) + self.dot(k, f)
         p = sigmoid(z)
-        # g = d(negative log-likelihood) / dz
         if obs == OBS_LABEL:
-            g = p - y
-        else:
-            rho = self._rho_current()
-            rf = self.rho_false  # not clipped here, unlike in _refresh
-            pi = _min(_max(rho * (1.0 - p) + rf * p, 1e-9), 1.0 - 1e-9)
-            dpi = (rf - rho) * p * (1.0 - p)
-            g = -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi
+            return p - y
+        rf = _min(self.rho_false, 0.5 * rho)  # clipped as in _refresh
+        pi = _min(_max(rho * (1.0 - p) + rf * p, 1e-9), 1.0 - 1e-9)
+        dpi = (rf - rho) * p * (1.0 - p)
+        return -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi
+
+    def _learn(self, k: int, s: int, obs: int, y: float, rho: Optional[float] = None) -> None:
+        """One AdaGrad step of model k's predictor on the request in slot s (learn_step_locked),
+        in IEEE single precision: every operation rounded to float32."""
+        if self.lr <= 0.0:
+            return
+        f = self._slot_view(s)
+        g = self._gradient(k, f, obs, y, self._rho_current() if rho is None else rho)
+        gf, l2, lr, l0 = f32(g), f32(self.l2), f32(self.lr), f32(self.lambda0)
         # Features are stepped one after the other: a bucket hit twice is updated twice.
         for ix, phi in self._feature_terms(k, f):
             w = float(self.weights[ix])
             G = float(self.adagrad[ix])
-            gj = g * phi + self.l2 * w
-            Gn = G + gj * gj
-            self.adagrad[ix] = f32(Gn)
-            self.weights[ix] = f32(w - _div(self.lr * gj, _sqrt(self.lambda0 + Gn)))
+            gj = f32(f32(gf * phi) + f32(l2 * w))
+            Gn = f32(G + f32(gj * gj))
+            self.adagrad[ix] = Gn
+            self.weights[ix] = f32(w - f32(f32(lr * gj) / f32(_sqrt(f32(l0 + Gn)))))
+
+    def _adagrad_step(self, ix: int, gsum: float) -> None:
+        """One AdaGrad coordinate step with summed gradient gsum (Router::adagrad_step), float32."""
+        w = float(self.weights[ix])
+        G = float(self.adagrad[ix])
+        gj = f32(f32(gsum) + f32(f32(self.l2) * w))
+        Gn = f32(G + f32(gj * gj))
+        self.adagrad[ix] = Gn
+        self.weights[ix] = f32(w - f32(f32(f32(self.lr) * gj) / f32(_sqrt(f32(f32(self.lambda0) + Gn)))))
 
     def _close(self, rid: int) -> None:
         """Request ``rid`` leaves its feedback window: silence now counts as no complaint."""
@@ -536,6 +825,17 @@ class ReferenceRouter:
             self.rho_n += 1
             if fl & COMPLAINED:
                 self.rho_c += 1
+
+    def _close_before(self, end: int) -> None:
+        """Close every pending request with an id below ``end``, in id order (close_before_locked).
+
+        The C++ does the bookkeeping of 64 or more closures first and their predictor steps after,
+        in parallel by model, each step with the report rate of its own closure: steps of different
+        models touch different weights and each model keeps its order, so that is this loop.
+        """
+        while self.closed_upto < end:
+            self._close(self.closed_upto)
+            self.closed_upto += 1
 
     def _rho_current(self) -> float:
         """The configured report rate, or the Wilson lower bound from closed audits."""
@@ -569,11 +869,11 @@ class ReferenceRouter:
             xs += float(self.delay_hist[b])
             es += e
         decay = math.exp(-wb / _max(N, 1.0))
-        prev = _div(xs + 1.0, es + self.delay_prior * B)
+        prev = (xs + 1.0) / (es + self.delay_prior * B)
         rate = []
         for b in range(B):
             if expo[b] > 0.0 or tail == TAIL_DECAY:
-                r = _div(float(self.delay_hist[b]) + self.delay_prior * prev * decay, expo[b] + self.delay_prior)
+                r = (float(self.delay_hist[b]) + self.delay_prior * prev * decay) / (expo[b] + self.delay_prior)
             else:
                 r = 0.0 if tail == TAIL_NONE else prev
             rate.append(r)
@@ -590,13 +890,13 @@ class ReferenceRouter:
             return 1.0
         b = int(x)
         frac = x - b
-        return _div(cum[b] + frac * (cum[b + 1] - cum[b]), total)
+        return (cum[b] + frac * (cum[b + 1] - cum[b])) / total
 
     def _refresh(self) -> Estimates:
         """Fresh estimates from the current state (refresh_locked); changes nothing."""
         K = self.K
         N = float(self.t)
-        e = Estimates(K)
+        e = Estimates()
         e.n = self.t
         rho = self._rho_current()
         rf = _min(self.rho_false, 0.5 * rho)
@@ -623,6 +923,8 @@ class ReferenceRouter:
                 live[ring] = True
 
         # Per-model accuracy from complaint counts (exposure-weighted) and audits.
+        e.acc, e.sd, e.lcb, e.ucb = [0.0] * K, [0.0] * K, [0.0] * K, [0.0] * K
+        e.cmean, e.cnorm, e.exposure = [0.0] * K, [0.0] * K, [0.0] * K
         epend = 0.0
         prem = 0.0
         nexp = 0.0
@@ -634,9 +936,9 @@ class ReferenceRouter:
             def estimate(n: float) -> Tuple[float, float]:
                 """Accuracy and its variance given an exposure n."""
                 c = float(self.complaints[k])
-                q = _min(_max(_div(c + m0 * q0, n + m0), 1e-9), 1.0 - 1e-9)
+                q = _min(_max((c + m0 * q0) / (n + m0), 1e-9), 1.0 - 1e-9)
                 a = (rho - q) / (rho - rf)
-                v = _div(q * (1.0 - q), n + m0) / ((rho - rf) * (rho - rf))
+                v = q * (1.0 - q) / (n + m0) / ((rho - rf) * (rho - rf))
                 if self.audits[k] > 0:
                     na = float(self.audits[k])
                     aa = (float(self.audits_sat[k]) + 1.0) / (na + 2.0)
@@ -682,13 +984,16 @@ class ReferenceRouter:
         # SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
         complaints = float(self.complaints_total)
         e.unsat = _min(N, _max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend)
-        ubar = _div(e.unsat + self.unsat_prior * (1.0 - self.alpha), N + self.unsat_prior)
+        ubar = (e.unsat + self.unsat_prior * (1.0 - self.alpha)) / (N + self.unsat_prior)
         e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar)
         e.margin = self.z * _sqrt(e.var) / N if N > 0 else 1.0
         e.tau = _min(1.0, self.alpha + _max(e.margin, 0.0))
         e.deficit = e.unsat - (1.0 - e.tau) * N
         H = _max(self.payback_min, _min(N, self.payback / rho))
-        e.tau_eff = e.tau + _div(e.deficit, H)
+        e.payback = H
+        e.rho_false = rf
+        e.complaints = self.complaints_total
+        e.tau_eff = e.tau + e.deficit / H
         # Optimistic frontier: which models could be worth mixing.
         e.hull = frontier(e.cnorm, e.ucb)
         return e
@@ -697,55 +1002,83 @@ class ReferenceRouter:
         """Largest optimistic accuracy, a unit of normalised cost worth cost_weight of it."""
         best = 0
         bs = e.ucb[0] - cost_weight * e.cnorm[0]
-        for k in range(1, self.K):
+        for k in range(1, len(e.ucb)):
             sc = e.ucb[k] - cost_weight * e.cnorm[k]
             if sc > bs or (sc == bs and e.cnorm[k] < e.cnorm[best]):
                 best = k
                 bs = sc
         return best
 
-    def _decide(self, e: Estimates, f: Features, cost: Optional[List[float]], u1: float,
-                u2: float) -> Tuple[int, bool]:
-        """The per-request decision (decide_locked): (model, explored)."""
-        N = float(e.n)
-        te = e.tau_eff
+    def _dual(self) -> Dual:
+        """The estimates' queue advanced to the present (dual_locked): alpha_t - 1 per request
+        routed since the refresh, 1/rho per complaint received since."""
+        e = self.est
+        N = float(self.t)
+        unsat = e.unsat + float(self.complaints_total - e.complaints) / (e.rho - e.rho_false)
+        deficit = unsat - (1.0 - e.tau) * N
+        tau_eff = e.tau + deficit / e.payback
+        valve = deficit > self.valve * (e.margin * N + 1.0 / e.rho)
+        eps = _min(self.eps_max, self.eps_c * math.pow(N + 1.0, -1.0 / 3.0))
+        return Dual(deficit, tau_eff, eps, valve, self.t)
+
+    def _plan(self, e: Estimates, d: Dual) -> Plan:
+        """What the dual state decides for every request until it changes (plan_locked).
+
+        1. Safety valve, or a target no model could reach even optimistically: serve the model
+           most likely to be the most accurate; with probability eps try one that could be better.
+        2. A target the cheapest frontier model reaches: serve it.
+        3. Otherwise the optimistic frontier picks the cheapest pair (i, j) that could reach the
+           target; cautious (lower-bound) accuracies set the weight of j.
+        """
+        p = Plan()
+        te = d.tau_eff
         h = e.hull
-        valve = e.deficit > self.valve * (e.margin * N + 1.0 / e.rho)
-        if valve or te >= e.ucb[h[-1]]:
-            # Serve the model most likely to be the most accurate; with probability eps try one
-            # that could be better.
-            self.branch_counts["valve" if valve else "unreachable"] += 1
-            best = self._most_accurate(e, 0.0 if valve else self.top_cost)
-            eps = _min(self.eps_max, self.eps_c * math.pow(N + 1.0, -1.0 / 3.0))
-            if u1 < eps:
-                cand = [k for k in range(self.K) if k != best and e.ucb[k] > e.acc[best]]
-                if cand:
-                    self.branch_counts["explore"] += 1
-                    return cand[min(len(cand) - 1, int(u2 * len(cand)))], True
-            return best, False
+        if d.valve or te >= e.ucb[h[-1]]:
+            p.regime = SERVE_BEST
+            p.valve = d.valve
+            # Past the valve the deficit must be repaid: accuracy alone decides.
+            p.model = self._most_accurate(e, 0.0 if d.valve else self.top_cost)
+            p.eps = d.eps
+            p.cand = [k for k in range(self.K) if k != p.model and e.ucb[k] > e.acc[p.model]]
+            return p
         if te <= e.ucb[h[0]]:
-            self.branch_counts["cheapest"] += 1
-            return h[0], False
-        # The frontier segment (i, j) that contains the target.
+            p.regime = SERVE_ONE
+            p.model = h[0]
+            return p
+        # The frontier segment (i, j) that contains the target (never past the frontier's end).
         s = 1
-        while e.ucb[h[s]] < te:
+        while s + 1 < len(h) and e.ucb[h[s]] < te:
             s += 1
-        i, j = h[s - 1], h[s]
-        # Cautious weight of j.
-        w = 1.0
-        if e.lcb[j] > e.lcb[i]:
-            w = _min(1.0, _max(0.0, (te - e.lcb[i]) / (e.lcb[j] - e.lcb[i])))
-        if w <= 0.0:
+        p.regime = MIX
+        p.i, p.j = h[s - 1], h[s]
+        p.w = 1.0
+        if e.lcb[p.j] > e.lcb[p.i]:
+            p.w = _min(1.0, _max(0.0, (te - e.lcb[p.i]) / (e.lcb[p.j] - e.lcb[p.i])))
+        return p
+
+    def _decide_row(self, p: Plan, f: Features, cost: Optional[List[float]], u1: float,
+                    u2: float) -> Tuple[int, bool]:
+        """The per-request part of the decision (decide_row): (model, explored)."""
+        if p.regime == SERVE_BEST:
+            self.branch_counts["valve" if p.valve else "unreachable"] += 1
+            if u1 < p.eps and p.cand:
+                self.branch_counts["explore"] += 1
+                return p.cand[min(len(p.cand) - 1, int(u2 * len(p.cand)))], True
+            return p.model, False
+        if p.regime == SERVE_ONE:
+            self.branch_counts["cheapest"] += 1
+            return p.model, False
+        if p.w <= 0.0:
             self.branch_counts["pair_i"] += 1
-            return i, False
-        if w >= 1.0:
+            return p.i, False
+        if p.w >= 1.0:
             self.branch_counts["pair_j"] += 1
-            return j, False
-        # Per-request evidence tilts it.
-        adv = self._advantage(e, f, cost, i, j)
+            return p.j, False
+        # Per-request evidence tilts the weight.
+        adv = self._advantage(self.est, f, cost, p.i, p.j)
         self.branch_counts["mix" if adv == 0.0 else "mix_tilted"] += 1
-        pj = w if adv == 0.0 else sigmoid(logit(w) + self.tilt * adv)
-        return (j if u2 < pj else i), False
+        pj = p.w if adv == 0.0 else sigmoid(logit(p.w) + self.tilt * adv)
+        return (p.j if u2 < pj else p.i), False
 
     def _advantage(self, e: Estimates, f: Features, cost: Optional[List[float]], i: int, j: int) -> float:
         """How much better than usual j looks relative to i for this request (advantage)."""
