@@ -204,7 +204,10 @@ public:
                 if (!PyUnicode_Check(h.ptr()))
                     throw py::type_error("this router hashes prompt text: every row must be a str, row " + std::to_string(r) +
                                          " is " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
-                texts.push_back(h.cast<std::string>());
+                Py_ssize_t len = 0;
+                const char* u = PyUnicode_AsUTF8AndSize(h.ptr(), &len);  // UnicodeEncodeError as route()
+                if (u == nullptr) throw py::error_already_set();
+                texts.emplace_back(u, static_cast<std::size_t>(len));
             }
         } else {
             xa = py::reinterpret_borrow<FloatArray>(X);

@@ -552,6 +552,8 @@ class ReferenceRouter:
         state at batch start, row r with draws 2r+1 and 2r+2 after the frozen generator state."""
         feats = [self.features(x) for x in X]
         B = len(feats)
+        if B == 0:
+            return [], []  # an empty batch routes nothing and changes nothing
         costs = None if cost is None else np.asarray(cost, dtype=np.float64).reshape(B, self.K)
         start = self.batch_begin(B)
         models: List[int] = []

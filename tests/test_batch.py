@@ -473,10 +473,6 @@ def test_route_batch_errors_text(args, error, message):
     assert router.to_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "bindings bug: PyRouter::route_batch_py converts text rows with h.cast<std::string>(), so a row that "
-    "is no valid UTF-8 (a lone surrogate) raises pybind11's opaque RuntimeError 'Unable to cast Python "
-    "instance of type str to C++ type ?' where route() raises UnicodeEncodeError (nothing changes)"))
 def test_route_batch_text_that_is_not_utf8():
     router = _busy("text")
     before = router.to_bytes()
@@ -549,12 +545,10 @@ def test_numba_lane_dot_matches_the_reference(data, n):
 # ---------------------------------------------------------------------------------------------
 # Engine bugs and backend mismatches found by these tests
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine bug: an empty batch on a router that has routed nothing crashes the process; "
-    "batch_begin_locked(0) does not refresh (t0 + B > next_refresh_ is 0 > 0) and plan_locked then "
-    "reads e.ucb[h.back()] on the empty frontier of the never-computed estimates (router.hpp)"))
 @pytest.mark.parametrize("features, backend", [(3, "cpu"), (3, "numba"), ("text", "cpu")])
 def test_an_empty_batch_on_a_fresh_router(features, backend):
+    """An empty batch routes nothing and changes nothing, even before the first request (it once
+    crashed reading the never-computed frontier; run in a subprocess so a crash fails the test)."""
     X = "np.zeros((0, 3), np.float32)" if features == 3 else "[]"
     code = textwrap.dedent(f"""
         import numpy as np

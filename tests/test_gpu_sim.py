@@ -116,10 +116,9 @@ def _mix_probability(plan, X, cost):
 
 
 def _weights(router):
-    c = Router.from_bytes(router.to_bytes())
-    plan = c._core.batch_begin(0)
-    c._core.batch_abort()
-    return plan["weights"]
+    from reference import parse_state  # tests/ is on sys.path in the child process
+
+    return parse_state(router._core.save_state())["weights"]
 
 
 def _check_kernel_exact(seed, window, beta, seen):

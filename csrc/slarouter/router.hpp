@@ -644,6 +644,7 @@ public:
     };
 
     BatchStart batch_begin_locked(std::int64_t B) {
+        if (B < 1) throw std::invalid_argument("a batch needs at least one request");
         const std::int64_t t0 = t_;
         close_before_locked(std::min(t0 + B, t0 + cfg_.window) - cfg_.window);
         if (t0 + B > next_refresh_) {

@@ -110,16 +110,25 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str) -> Tuple
         B = len(rows)
         c = check_cost(cost, B, K)
         o = check_out(out, B)
+        if B == 0:
+            return _empty(o)
         return core.route_batch(rows, c, o)
     Xa = check_dense(X, router._dim)
     B = Xa.shape[0]
     c = check_cost(cost, B, K)
     o = check_out(out, B)
+    if B == 0:
+        return _empty(o)
     if which == "cpu":
         if not np.isfinite(Xa).all():
             raise ValueError("X contains NaN or infinite values")
         return core.route_batch(Xa, c, o)
     return _route_batch_numba(router, Xa, c, o)
+
+
+def _empty(out: Optional[Tuple[Any, Any]], xp=np) -> Tuple[Any, Any]:
+    """An empty batch routes nothing and changes nothing."""
+    return out if out is not None else (xp.empty(0, dtype=xp.int64), xp.empty(0, dtype=xp.int32))
 
 
 def _route_batch_numba(router: Any, X: np.ndarray, cost: Optional[np.ndarray], out) -> Tuple[np.ndarray, np.ndarray]:
@@ -156,6 +165,8 @@ def complain_batch(router: Any, ids: Any) -> np.ndarray:
     if _is_cupy(ids):
         ids = ids.get()
     arr = np.asarray(ids)
+    if arr.ndim == 1 and arr.size == 0:
+        return np.zeros(0, dtype=bool)
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise TypeError(f"ids must be a 1-D integer array, got dtype {arr.dtype} and shape {arr.shape}")
     return router._core.complain_batch(np.ascontiguousarray(arr, dtype=np.int64))

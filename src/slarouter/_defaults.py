@@ -48,9 +48,9 @@ TUNING_RANGE = {
     "payback": (0.0, _INF, False),
     "payback_min": (1.0, _INF, True),
     "tilt": (0.0, _INF, True),
-    "lr": (0.0, _INF, True),
-    "l2": (0.0, _INF, True),
-    "lambda0": (0.0, _INF, False),
+    "lr": (0.0, 1e6, True),       # the predictor runs in float32: keep its steps finite
+    "l2": (0.0, 1e6, True),
+    "lambda0": (1e-6, 1e12, True),
     "beta": (0.0, _INF, True),
     "delay_prior": (0.0, _INF, False),
     "unsat_prior": (0.0, _INF, False),

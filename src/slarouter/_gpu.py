@@ -63,6 +63,8 @@ def route_batch(router: Any, cp: Any, X: Any, cost: Any, out: Any) -> Tuple[Any,
         if not _all_finite(cp, Xd):
             raise ValueError("X contains NaN or infinite values")
         ids, models = o if o is not None else (cp.empty(B, dtype=cp.int64), cp.empty(B, dtype=cp.int32))
+        if B == 0:
+            return ids, models  # an empty batch routes nothing and changes nothing
         explored = cp.empty(B, dtype=cp.uint8)
         return _route(router, cp, Xd, c, ids, models, explored)
 

@@ -225,29 +225,29 @@ def _lane_dot(a, b, square_over):
     sq = square_over >= 0.0
     while j + 8 <= n:
         if sq:
-            l0 += float(b[j]) * float(b[j]) / (square_over + float(a[j]))
-            l1 += float(b[j + 1]) * float(b[j + 1]) / (square_over + float(a[j + 1]))
-            l2 += float(b[j + 2]) * float(b[j + 2]) / (square_over + float(a[j + 2]))
-            l3 += float(b[j + 3]) * float(b[j + 3]) / (square_over + float(a[j + 3]))
-            l4 += float(b[j + 4]) * float(b[j + 4]) / (square_over + float(a[j + 4]))
-            l5 += float(b[j + 5]) * float(b[j + 5]) / (square_over + float(a[j + 5]))
-            l6 += float(b[j + 6]) * float(b[j + 6]) / (square_over + float(a[j + 6]))
-            l7 += float(b[j + 7]) * float(b[j + 7]) / (square_over + float(a[j + 7]))
+            l0 += np.float64(b[j]) * np.float64(b[j]) / (square_over + np.float64(a[j]))
+            l1 += np.float64(b[j + 1]) * np.float64(b[j + 1]) / (square_over + np.float64(a[j + 1]))
+            l2 += np.float64(b[j + 2]) * np.float64(b[j + 2]) / (square_over + np.float64(a[j + 2]))
+            l3 += np.float64(b[j + 3]) * np.float64(b[j + 3]) / (square_over + np.float64(a[j + 3]))
+            l4 += np.float64(b[j + 4]) * np.float64(b[j + 4]) / (square_over + np.float64(a[j + 4]))
+            l5 += np.float64(b[j + 5]) * np.float64(b[j + 5]) / (square_over + np.float64(a[j + 5]))
+            l6 += np.float64(b[j + 6]) * np.float64(b[j + 6]) / (square_over + np.float64(a[j + 6]))
+            l7 += np.float64(b[j + 7]) * np.float64(b[j + 7]) / (square_over + np.float64(a[j + 7]))
         else:
-            l0 += float(a[j]) * float(b[j])
-            l1 += float(a[j + 1]) * float(b[j + 1])
-            l2 += float(a[j + 2]) * float(b[j + 2])
-            l3 += float(a[j + 3]) * float(b[j + 3])
-            l4 += float(a[j + 4]) * float(b[j + 4])
-            l5 += float(a[j + 5]) * float(b[j + 5])
-            l6 += float(a[j + 6]) * float(b[j + 6])
-            l7 += float(a[j + 7]) * float(b[j + 7])
+            l0 += np.float64(a[j]) * np.float64(b[j])
+            l1 += np.float64(a[j + 1]) * np.float64(b[j + 1])
+            l2 += np.float64(a[j + 2]) * np.float64(b[j + 2])
+            l3 += np.float64(a[j + 3]) * np.float64(b[j + 3])
+            l4 += np.float64(a[j + 4]) * np.float64(b[j + 4])
+            l5 += np.float64(a[j + 5]) * np.float64(b[j + 5])
+            l6 += np.float64(a[j + 6]) * np.float64(b[j + 6])
+            l7 += np.float64(a[j + 7]) * np.float64(b[j + 7])
         j += 8
     rest = np.zeros(8)
     l = 0
     while j < n:
-        x = float(b[j])
-        rest[l] = x * x / (square_over + float(a[j])) if sq else float(a[j]) * x
+        x = np.float64(b[j])
+        rest[l] = x * x / (square_over + np.float64(a[j])) if sq else np.float64(a[j]) * x
         j += 1
         l += 1
     l0 += rest[0]
@@ -356,7 +356,7 @@ def _silent_grad(X, models, n, weights, acc, rho, rho_false):
         y = 0.0  # silence; written as Router::gradient writes it, for the same rounding
         g = -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi
         for c in range(d):
-            grad[k, c] += g * float(X[r, c])
+            grad[k, c] += g * np.float64(X[r, c])
     return grad
 
 
@@ -407,9 +407,9 @@ def _cuda_route_rows():
             u2 = _draw(rng, 2 * r + 2)
             adv = 0.0
             if _tilted(regime, w, tilt):
-                si = float(spread[r, 0]) if beta > 0.0 else 0.0
-                sj = float(spread[r, 1]) if beta > 0.0 else 0.0
-                adv = _advantage(float(dots[r, ci]), float(dots[r, cj]), si, sj, beta, li, lj, acc_i, acc_j, gap,
+                si = np.float64(spread[r, 0]) if beta > 0.0 else 0.0
+                sj = np.float64(spread[r, 1]) if beta > 0.0 else 0.0
+                adv = _advantage(np.float64(dots[r, ci]), np.float64(dots[r, cj]), si, sj, beta, li, lj, acc_i, acc_j, gap,
                                  has_cost, cost[r, i] if has_cost else 0.0, cost[r, j] if has_cost else 0.0,
                                  cmean_i, cmean_j)
             k, e = _pick(regime, model, eps, nc, i, j, w, lw, tilt, adv, u1, u2)
