@@ -1,0 +1,69 @@
+"""Regenerate the tables of docs/RESULTS.md from the JSON files of the replay grid.
+
+Usage (from the repository root, after the commands listed in docs/RESULTS.md):
+
+    python docs/results.py results > docs/RESULTS-tables.md
+"""
+import collections
+import json
+import os
+import sys
+
+import numpy as np
+R = os.path.join(sys.argv[1] if len(sys.argv) > 1 else 'results', '')
+DS = ['llama3-zoo', 'routerbench-arc-mbpp', 'routellm-mmlu-gsm8k']
+def load(name): return json.load(open(R + name))['runs']
+def agg(rs):
+    return dict(n=len(rs), met=np.mean([r['sla_met'] for r in rs]), cB=np.mean([r['cost_per_request']/r['static_optimum_cost'] for r in rs]),
+                cBc=np.mean([r['cost_per_request']/r['certified_optimum_cost'] for r in rs]), gap=np.mean([r['satisfaction']-r['alpha'] for r in rs]))
+out = []
+P = lambda *a: out.append(' '.join(str(x) for x in a))
+main = {ds: load(ds + '.json') for ds in DS}
+P('## Bar 1: long protocol, confidence 0.95 (slarouter)')
+P('| dataset | report rate | runs | SLA met | cost / B_cert | cost / B |'); P('|---|---|---|---|---|---|')
+for ds in DS:
+    for rho in [0.1, 0.3, 1.0]:
+        a = agg([r for r in main[ds] if r['policy']=='slarouter' and r['protocol']=='long' and r['report_rate']==rho])
+        P(f"| {ds} | {rho} | {a['n']} | {a['met']:.0%} | {a['cBc']:.2f} | {a['cB']:.2f} |")
+P('\n## Bar 2: short protocol, pooled over the three datasets (slarouter)')
+P('| report rate | runs | SLA met | cost / B_cert | cost / B |'); P('|---|---|---|---|---|')
+for rho in [0.1, 0.3, 1.0]:
+    a = agg([r for ds in DS for r in main[ds] if r['policy']=='slarouter' and r['protocol']=='short' and r['report_rate']==rho])
+    P(f"| {rho} | {a['n']} | {a['met']:.0%} | {a['cBc']:.2f} | {a['cB']:.2f} |")
+P('\n## Bar 3: confidence 0.5, long protocol (slarouter)')
+cells = collections.defaultdict(list)
+allc = []
+for ds in DS:
+    for r in load(ds + '.conf05.json'):
+        if r['policy'] != 'slarouter': continue
+        cells[(ds, r['benchmark'], r['alpha'], r['report_rate'])].append(r)
+means = {k: np.mean([r['satisfaction'] - r['alpha'] for r in v]) for k, v in cells.items()}
+P(f"cells: {len(means)}; mean of (satisfaction - alpha): {100*np.mean(list(means.values())):+.2f} points; worst cell: {100*min(means.values()):+.2f} points ({min(means, key=means.get)}); cells more than 1 point below: {sum(v < -0.01 for v in means.values())}")
+P('| dataset | report rate | SLA met | mean satisfaction - alpha (points) | cost / B |'); P('|---|---|---|---|---|')
+for ds in DS:
+    rs = [r for r in load(ds + '.conf05.json') if r['policy']=='slarouter']
+    for rho in [0.1, 0.3, 1.0]:
+        a = agg([r for r in rs if r['report_rate']==rho]); P(f"| {ds} | {rho} | {a['met']:.0%} | {100*a['gap']:+.2f} | {a['cB']:.2f} |")
+P('\n## Bar 4: report rate withheld, 2% of requests audited, long protocol (slarouter)')
+P('| dataset | report rate | runs | SLA met | cost / B_cert | cost / B |'); P('|---|---|---|---|---|---|')
+for ds in DS:
+    rs = load(ds + '.audit.json')
+    for rho in [0.1, 0.3, 1.0]:
+        a = agg([r for r in rs if r['report_rate']==rho and r['policy']=='slarouter'])
+        P(f"| {ds} | {rho} | {a['n']} | {a['met']:.0%} | {a['cBc']:.2f} | {a['cB']:.2f} |")
+P('\n## Bar 5: slarouter against MESS+ (best V in hindsight, full feedback), confidence 0.95')
+P('| dataset | protocol | slarouter cost / B | mess+ cost / B | ratio | slarouter SLA met | mess+ SLA met |'); P('|---|---|---|---|---|---|---|')
+for ds in DS:
+    for proto in ['short', 'long']:
+        s = agg([r for r in main[ds] if r['policy']=='slarouter' and r['protocol']==proto])
+        m = agg([r for r in main[ds] if r['policy']=='mess+' and r['protocol']==proto])
+        P(f"| {ds} | {proto} | {s['cB']:.2f} | {m['cB']:.2f} | {s['cB']/m['cB']:.2f} | {s['met']:.0%} | {m['met']:.0%} |")
+P('\n## All policies, pooled per dataset and protocol (all report rates, SLA levels and seeds)')
+for ds in DS:
+    for proto in ['short', 'long']:
+        P(f"\n{ds}, {proto}:\n"); P('| policy | cost / B | cost / B_cert | satisfaction - alpha (points) | SLA met |'); P('|---|---|---|---|---|')
+        pols = list(dict.fromkeys(r['policy'] for r in main[ds]))
+        for p in pols:
+            a = agg([r for r in main[ds] if r['policy']==p and r['protocol']==proto])
+            if a['n']: P(f"| {p} | {a['cB']:.2f} | {a['cBc']:.2f} | {100*a['gap']:+.2f} | {a['met']:.0%} |")
+print('\n'.join(out))
