@@ -73,6 +73,17 @@ def plan_regime(r: slarouter.Router) -> str:
     return {0: "serve the most accurate", 1: "serve the cheapest"}[p["regime"]]
 
 
+def vw_examples(features, xs: Sequence, K: int):
+    """Vowpal Wabbit --cb_explore_adf text for the inputs: one shared line per request and the K
+    action lines (model names and list costs), as both the report and the benchmark feed it."""
+    if isinstance(features, tuple):
+        shared = [f"shared |s {x}" for x in xs]
+    else:
+        shared = ["shared |s " + " ".join(f"{j}:{v:.6f}" for j, v in enumerate(x)) for x in xs]
+    actions = [f"|a m{k} cost:{1.0 + 4.0 * k}" for k in range(K)]
+    return shared, actions
+
+
 def numpy_decision(W: np.ndarray, x: np.ndarray) -> int:
     """The reference single decision: one score per model, then the best."""
     return int(np.argmin(W @ x))

@@ -182,11 +182,7 @@ def _vw_runner(K, features, xs):
     except ImportError:
         return None
     vw = pyvw.Workspace("--cb_explore_adf --epsilon 0.1 --quiet")
-    if isinstance(features, tuple):
-        shared = [f"shared |s {x}" for x in xs]
-    else:
-        shared = ["shared |s " + " ".join(f"{j}:{v:.6f}" for j, v in enumerate(x)) for x in xs]
-    actions = [f"|a m{k} cost:{1.0 + 4.0 * k}" for k in range(K)]
+    shared, actions = cm.vw_examples(features, xs, K)
     rng = np.random.default_rng(6)
     ns = time.perf_counter_ns
 

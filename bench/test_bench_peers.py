@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 import pytest
-from _common import REPORT_RATE, accuracies, inputs, steady_router
+from _common import REPORT_RATE, accuracies, inputs, steady_router, vw_examples
 
 K = 16
 FEATURES = [("text", 50), 384]
@@ -44,11 +44,7 @@ def test_vowpal_wabbit_cb_explore_adf(benchmark, features):
     pyvw = pytest.importorskip("vowpalwabbit.pyvw")
     vw = pyvw.Workspace("--cb_explore_adf --epsilon 0.1 --quiet")
     xs = inputs(features, 200, seed=21)
-    if isinstance(features, tuple):
-        shared = [f"shared |s {x}" for x in xs]
-    else:
-        shared = ["shared |s " + " ".join(f"{j}:{v:.6f}" for j, v in enumerate(x)) for x in xs]
-    actions = [f"|a m{k} cost:{1.0 + 4.0 * k}" for k in range(K)]
+    shared, actions = vw_examples(features, xs, K)
     rng = np.random.default_rng(6)
     it = itertools.cycle(shared)
 
