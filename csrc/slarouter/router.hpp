@@ -179,12 +179,7 @@ public:
 
     Decision route_locked(const FeatureView& f, const double* cost) {
         const std::int64_t id = t_;
-        close_before_locked(id + 1 - cfg_.window);
-        if (t_ >= next_refresh_) {
-            refresh_locked(est_);
-            acc_cache_ = est_.acc;
-            next_refresh_ = t_ + cfg_.refresh;
-        }
+        open_locked(1);
         const Plan plan = plan_locked(est_, dual_locked());
         const double u1 = uniform01(rng_);
         const double u2 = uniform01(rng_);
@@ -298,14 +293,6 @@ public:
         std::lock_guard<std::mutex> lock(mu_);
         return Counters{t_, complaints_total_, late_complaints_, audits_total_, explored_, rho_n_, rho_c_,
                         served_, complaints_, audits_};
-    }
-
-    // Per-request predicted satisfaction of every model (for introspection and tests).
-    std::vector<double> predict(const FeatureView& f) const {
-        std::lock_guard<std::mutex> lock(mu_);
-        std::vector<double> p(cfg_.n_models);
-        for (int k = 0; k < cfg_.n_models; ++k) p[k] = sigmoid(logit(acc_cache_[k]) + dot(k, f));
-        return p;
     }
 
     std::int64_t requests() const {
@@ -598,6 +585,17 @@ private:
         }
     }
 
+    // Before routing the next B requests (route() is B = 1): close the requests they push out of
+    // the window and refresh the estimates if a refresh falls among them.
+    void open_locked(std::int64_t B) {
+        close_before_locked(std::min(t_ + B, t_ + cfg_.window) - cfg_.window);
+        if (t_ + B > next_refresh_) {
+            refresh_locked(est_);
+            acc_cache_ = est_.acc;
+            next_refresh_ = t_ + cfg_.refresh;
+        }
+    }
+
     // Closes every pending request with an id below `end`, in id order. Many closures at once
     // (a batch) do the bookkeeping in order and then the silent predictor steps in parallel,
     // one thread per group of models: steps of different models touch different weights, and
@@ -646,12 +644,7 @@ public:
     BatchStart batch_begin_locked(std::int64_t B) {
         if (B < 1) throw std::invalid_argument("a batch needs at least one request");
         const std::int64_t t0 = t_;
-        close_before_locked(std::min(t0 + B, t0 + cfg_.window) - cfg_.window);
-        if (t0 + B > next_refresh_) {
-            refresh_locked(est_);
-            acc_cache_ = est_.acc;
-            next_refresh_ = t0 + cfg_.refresh;
-        }
+        open_locked(B);
         BatchStart b;
         b.plan = plan_locked(est_, dual_locked());
         b.rng = rng_;

@@ -239,7 +239,6 @@ class Router:
 
         self._models: Tuple[Model, ...] = tuple(parsed)
         self._names: Tuple[str, ...] = tuple(names)
-        self._index: Dict[str, int] = {n: i for i, n in enumerate(names)}
         self._config: Dict[str, Any] = {
             "models": [m._asdict() for m in parsed],
             "sla": sla,
