@@ -252,19 +252,32 @@ public:
                 return f;
             };
             std::lock_guard<std::mutex> lock(mutex());
-            const BatchStart st = batch_begin_locked(B);
+            const BatchStart st = batch_begin_locked(B, threads);
+
             std::vector<std::uint8_t> expl(static_cast<std::size_t>(B), 0);
-            parallel_for(B, threads, [&](std::int64_t lo, std::int64_t hi) {
-                for (std::int64_t r = lo; r < hi; ++r) {
+            // Rows that close within the batch learn from their silence at commit; a dense
+            // router sums their gradients (on the weights the rows are decided with) here, by
+            // chunks of rows, while each row is in cache.
+            const std::int64_t n_inner = cfg.dim && cfg.lr > 0.0 ? std::max<std::int64_t>(0, B - cfg.window) : 0;
+            SilentSums sums;
+            sums.reset(K, cfg.dim, n_inner);
+            const std::int64_t chunks = (B + kSilentChunk - 1) / kSilentChunk;
+            const std::int64_t work = B * (cfg.dim ? 3 * cfg.dim : 256);
+            parallel_for(chunks, work >= kParallelWork ? threads : 1, [&](std::int64_t lo, std::int64_t hi) {
+                for (std::int64_t r = lo * kSilentChunk; r < std::min(B, hi * kSilentChunk); ++r) {
                     bool e = false;
                     const double u1 = draw(st.rng, static_cast<std::uint64_t>(2 * r + 1));
                     const double u2 = draw(st.rng, static_cast<std::uint64_t>(2 * r + 2));
-                    mp[r] = decide_row(st.plan, row(r), c ? c + r * K : nullptr, u1, u2, &e);
+                    const FeatureView f = row(r);
+                    double score;
+                    const int k = decide_row(st.plan, f, c ? c + r * K : nullptr, u1, u2, &e, &score);
+                    mp[r] = k;
                     expl[static_cast<std::size_t>(r)] = e ? 1 : 0;
                     idp[r] = st.first_id + r;
+                    if (r < n_inner) sums.add(r, k, silent_gradient(k, f, st.rho, score), f.dense);
                 }
-            });
-            batch_commit_locked(B, mp, expl.data(), row, nullptr);
+            }, 1);
+            batch_commit_locked(B, mp, expl.data(), row, nullptr, threads, n_inner ? &sums : nullptr);
         }
         return py::make_tuple(ids, models);
     }

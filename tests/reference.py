@@ -13,8 +13,9 @@ Conventions that make the two agree bit for bit:
   to float32 (:func:`f32`) at exactly the points where C++ stores it; weights and accumulators live
   in float32 arrays laid out as in C++ and are read back with ``float(...)``.
 - What C++ computes in ``double`` is a Python float, summed in the same order and with the same
-  association (``a * b / c`` is ``(a * b) / c`` in both languages). Dense dot products accumulate
-  in 8 lanes (:func:`lane_sum`), as ``Router::lane_sum`` does.
+  association (``a * b / c`` is ``(a * b) / c`` in both languages). Dense sums accumulate in 32
+  lanes folded in halves (:func:`lane_sum`), as ``kernels.hpp`` does: dot products in float,
+  the predictor's spread in double.
 - What C++ computes in ``float`` (the AdaGrad steps) is one double operation on float32 values
   rounded to float32 (:func:`f32`) after every operation. For +, -, *, / and sqrt this is exactly
   the IEEE single-precision result (a double holds more than twice float's precision, so the
@@ -207,14 +208,26 @@ def hash_text(text: Any, bits: int, max_features: int) -> Tuple[List[int], List[
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense sums (router.hpp, Router::lane_sum)
+# Dense sums (kernels.hpp, kernels::dot and kernels::spread2)
 # ---------------------------------------------------------------------------------------------
-def lane_sum(terms: Sequence[float]) -> float:
-    """Sum of ``terms`` in 8 lanes (term j goes to lane j % 8), the lanes added pairwise at the end."""
-    lane = [0.0] * 8
+LANES = 32  # kernels::kLanes
+SILENT_CHUNK = 256  # kSilentChunk (router.hpp)
+
+
+def lane_sum(terms: Sequence[float], single: bool = False) -> float:
+    """Sum of ``terms`` in 32 lanes (term j goes to lane j % 32), the lanes then folded in halves:
+    lane l += lane l + h for h = 16, 8, 4, 2, 1 (kernels.hpp). ``single``: every addition in
+    float32, as kernels::dot adds."""
+    rnd = f32 if single else float
+    lane = [0.0] * LANES
     for j, v in enumerate(terms):
-        lane[j % 8] += v
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+        lane[j % LANES] = rnd(lane[j % LANES] + v)
+    h = LANES // 2
+    while h >= 1:
+        for l in range(h):
+            lane[l] = rnd(lane[l] + lane[l + h])
+        h //= 2
+    return lane[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,17 +498,17 @@ class ReferenceRouter:
         return [(k * self.dim + j, f.val[j]) for j in range(self.dim)]
 
     def dot(self, k: int, f: Features) -> float:
-        """w_k . phi(x) in double: in feature order (hashed), in 8 lanes (dense)."""
-        terms = [float(self.weights[ix]) * v for ix, v in self._feature_terms(k, f)]
+        """w_k . phi(x): in double in feature order (hashed), in float32 in 32 lanes (dense)."""
         if not self.hashed:
-            return lane_sum(terms)
+            return lane_sum([f32(float(self.weights[ix]) * v) for ix, v in self._feature_terms(k, f)], single=True)
+        terms = [float(self.weights[ix]) * v for ix, v in self._feature_terms(k, f)]
         acc = 0.0
         for v in terms:
             acc += v
         return acc
 
     def spread(self, k: int, f: Features) -> float:
-        """sqrt(sum_j phi_j^2 / (lambda0 + G_kj)), summed as dot() sums."""
+        """sqrt(sum_j phi_j^2 / (lambda0 + G_kj)): in double, in feature order (hashed), in 32 lanes (dense)."""
         terms = [v * v / (self.lambda0 + float(self.adagrad[ix])) for ix, v in self._feature_terms(k, f)]
         if not self.hashed:
             return _sqrt(lane_sum(terms))
@@ -579,51 +592,18 @@ class ReferenceRouter:
 
     def batch_commit(self, models: Sequence[int], explored: Sequence[bool], feats: Sequence[Features]) -> None:
         """Phase 3 (batch_commit_locked): rows that close within the batch (the first B - window)
-        never become pending; their silent gradients, computed on the weights at batch start, are
-        summed per model and applied as one AdaGrad step per model. The others become pending."""
+        never become pending and teach the predictor as one silent minibatch (_silent_step). The
+        others become pending."""
         B = len(models)
         t0 = self.t
-        K = self.K
         n_inner = max(0, B - self.window)
-        rho = self._rho_current()
-        has = [False] * K
-        grad = [[0.0] * self.dim for _ in range(K)]  # dense: per model and coordinate
-        sparse: List[List[Tuple[int, float]]] = [[] for _ in range(K)]  # hashed: (bucket, term)
         for r in range(n_inner):
             k = models[r]
             self.served[k] += 1
             self.closed[k] += 1
             if explored[r]:
                 self.explored += 1
-            has[k] = True
-            if self.lr > 0.0:
-                f = feats[r]
-                g = self._gradient(k, f, OBS_COMPLAINT, 0.0, rho)
-                if self.hashed:
-                    for j in range(len(f.idx)):
-                        sparse[k].append((f.idx[j], g * f.val[j]))
-                else:
-                    for j in range(self.dim):
-                        grad[k][j] += g * f.val[j]
-        if self.lr > 0.0 and n_inner > 0:
-            for k in range(K):
-                if not has[k]:
-                    continue
-                if self.hashed:
-                    # std::stable_sort by bucket, then each bucket's terms summed in that order.
-                    terms = sorted(sparse[k], key=lambda term: term[0])
-                    a = 0
-                    while a < len(terms):
-                        total = 0.0
-                        e = a
-                        while e < len(terms) and terms[e][0] == terms[a][0]:
-                            total += terms[e][1]
-                            e += 1
-                        self._adagrad_step(terms[a][0] * K + k, total)
-                        a = e
-                else:
-                    for j in range(self.dim):
-                        self._adagrad_step(k * self.dim + j, grad[k][j])
+        self._silent_step([(models[r], feats[r]) for r in range(n_inner)], self._rho_current())
         for r in range(n_inner, B):
             self._record(t0 + r, models[r], explored[r], feats[r])
         if n_inner > 0:
@@ -813,7 +793,7 @@ class ReferenceRouter:
         self.weights[ix] = f32(w - f32(f32(f32(self.lr) * gj) / f32(_sqrt(f32(f32(self.lambda0) + Gn)))))
 
     def _close(self, rid: int) -> None:
-        """Request ``rid`` leaves its feedback window: silence now counts as no complaint."""
+        """Request ``rid`` leaves its feedback window: its bookkeeping (close_locked)."""
         s = rid % self.window
         k = self.slot_model[s]
         fl = self.slot_flags[s]
@@ -821,7 +801,6 @@ class ReferenceRouter:
         self.pend[k][b] -= 1
         if not fl & COMPLAINED:
             self.pendnc[k][b] -= 1
-            self._learn(k, s, OBS_COMPLAINT, 0.0)
         self.closed[k] += 1
         if (fl & AUDITED) and (fl & AUDIT_UNSAT):
             self.rho_n += 1
@@ -829,15 +808,66 @@ class ReferenceRouter:
                 self.rho_c += 1
 
     def _close_before(self, end: int) -> None:
-        """Close every pending request with an id below ``end``, in id order (close_before_locked).
-
-        The C++ does the bookkeeping of 64 or more closures first and their predictor steps after,
-        in parallel by model, each step with the report rate of its own closure: steps of different
-        models touch different weights and each model keeps its order, so that is this loop.
-        """
+        """Close every pending request with an id below ``end``, in id order (close_before_locked);
+        the silent ones then teach the predictor as one minibatch, at the report rate from before
+        these closures."""
+        rho = self._rho_current()
+        rows = []
         while self.closed_upto < end:
+            s = self.closed_upto % self.window
+            if not self.slot_flags[s] & COMPLAINED:
+                rows.append((self.slot_model[s], self._slot_view(s)))
             self._close(self.closed_upto)
             self.closed_upto += 1
+        self._silent_step(rows, rho)
+
+    def _silent_step(self, rows: Sequence[Tuple[int, Features]], rho: float) -> None:
+        """One minibatch of silent observations (Router::silent_step_locked): every row's gradient on
+        the current weights, summed per model, then one AdaGrad step per model that has a row.
+
+        Dense: the rows are cut into chunks of SILENT_CHUNK; each chunk sums g * x per model in
+        float32 in row order from zero, and the chunks' sums are added in double, chunk after chunk
+        (SilentSums). Hashed: per model, the (bucket, g * value) pairs stably sorted by bucket and
+        each bucket's terms summed in double in that order."""
+        if self.lr <= 0.0 or not rows:
+            return
+        K = self.K
+        g = [self._gradient(k, f, OBS_COMPLAINT, 0.0, rho) for k, f in rows]
+        if not self.hashed:
+            d = self.dim
+            grad: Dict[int, List[float]] = {}
+            for c0 in range(0, len(rows), SILENT_CHUNK):
+                part: Dict[int, List[float]] = {}
+                for r in range(c0, min(len(rows), c0 + SILENT_CHUNK)):
+                    k, f = rows[r]
+                    p = part.setdefault(k, [0.0] * d)
+                    gf = f32(g[r])
+                    for j in range(d):
+                        p[j] = f32(p[j] + f32(gf * f.val[j]))
+                for k, p in part.items():
+                    tot = grad.setdefault(k, [0.0] * d)
+                    for j in range(d):
+                        tot[j] += p[j]
+            for k in sorted(grad):
+                for j in range(d):
+                    self._adagrad_step(k * d + j, grad[k][j])
+            return
+        sparse: Dict[int, List[Tuple[int, float]]] = {}
+        for (k, f), gr in zip(rows, g):
+            terms = sparse.setdefault(k, [])
+            for j in range(len(f.idx)):
+                terms.append((f.idx[j], gr * f.val[j]))
+        for k in sorted(sparse):
+            terms = sorted(sparse[k], key=lambda term: term[0])  # stable, as std::stable_sort
+            a = 0
+            while a < len(terms):
+                total = 0.0
+                e = a
+                while e < len(terms) and terms[e][0] == terms[a][0]:
+                    total += terms[e][1]
+                    e += 1
+                self._adagrad_step(terms[a][0] * K + k, total)
+                a = e
 
     def _rho_current(self) -> float:
         """The configured report rate, or the Wilson lower bound from closed audits."""

@@ -8,6 +8,10 @@
 
 namespace slarouter {
 
+// Work (in multiply-adds) below which a loop is not worth another thread: starting one costs
+// about as much as this many operations.
+constexpr std::int64_t kParallelWork = std::int64_t{1} << 16;
+
 // Runs body(lo, hi) over [0, n) split across threads (0: hardware concurrency); small ranges
 // run on the calling thread.
 template <class F>

@@ -107,7 +107,7 @@ inline ReplayResult replay(Router& router, const ReplayStream& in, std::int64_t 
     for (std::int64_t t0 = 0; t0 < T; t0 += batch) {
         for (; delivered <= t0; ++delivered) deliver(delivered);
         const std::int64_t B = std::min(batch, T - t0);
-        const Router::BatchStart st = router.batch_begin_locked(B);
+        const Router::BatchStart st = router.batch_begin_locked(B, /*threads=*/1);
         models.assign(static_cast<std::size_t>(B), 0);
         explored.assign(static_cast<std::size_t>(B), 0);
         for (std::int64_t r = 0; r < B; ++r) {
@@ -118,7 +118,7 @@ inline ReplayResult replay(Router& router, const ReplayStream& in, std::int64_t 
             explored[r] = e ? 1 : 0;
         }
         router.batch_commit_locked(B, models.data(), explored.data(),
-                                   [&](std::int64_t r) { return features(t0 + r); }, nullptr);
+                                   [&](std::int64_t r) { return features(t0 + r); }, nullptr, /*threads=*/1);
         for (std::int64_t r = 0; r < B; ++r) {
             ids[t0 + r] = st.first_id + r;
             out.model[t0 + r] = models[r];

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "features.hpp"
+#include "kernels.hpp"
 #include "parallel.hpp"
 #include "rng.hpp"
 
@@ -130,6 +131,57 @@ inline double logit(double p) {
     return std::log(p / (1.0 - p));
 }
 
+// Rows per chunk of a silent minibatch (Router::silent_step_locked).
+constexpr std::int64_t kSilentChunk = 256;
+
+// Per-model sums of silent-step gradients g_r * x_r over the rows of a minibatch, kept per
+// chunk of kSilentChunk consecutive rows (each chunk summed in row order from zero, in single
+// precision) and then added chunk after chunk in double: threads can take whole chunks, and
+// the result never depends on how many there are. A chunk's sums are only touched by the
+// thread that owns the chunk.
+class SilentSums {
+public:
+    void reset(int K, int d, std::int64_t n) {
+        K_ = K;
+        d_ = d;
+        chunks_ = (n + kSilentChunk - 1) / kSilentChunk;
+        slot_.assign(static_cast<std::size_t>(chunks_) * K, -1);
+        store_.assign(static_cast<std::size_t>(chunks_), {});
+    }
+    std::int64_t chunks() const { return chunks_; }
+
+    void add(std::int64_t r, int k, double g, const float* x) {
+        const std::size_t c = static_cast<std::size_t>(r / kSilentChunk);
+        int& sl = slot_[c * K_ + k];
+        std::vector<float>& st = store_[c];
+        if (sl < 0) {
+            sl = static_cast<int>(st.size() / d_);
+            st.resize(st.size() + d_, 0.0f);
+        }
+        kernels::axpy(st.data() + static_cast<std::size_t>(sl) * d_, static_cast<float>(g), x, d_);
+    }
+
+    // grad (K x d) = 0 + chunk 0's sums + chunk 1's + ...; has[k]: model k had a row.
+    void total(std::vector<double>& grad, std::vector<char>& has) const {
+        grad.assign(static_cast<std::size_t>(K_) * d_, 0.0);
+        has.assign(K_, 0);
+        for (std::int64_t c = 0; c < chunks_; ++c)
+            for (int k = 0; k < K_; ++k) {
+                const int sl = slot_[static_cast<std::size_t>(c) * K_ + k];
+                if (sl < 0) continue;
+                has[k] = 1;
+                const float* p = store_[static_cast<std::size_t>(c)].data() + static_cast<std::size_t>(sl) * d_;
+                kernels::add(grad.data() + static_cast<std::size_t>(k) * d_, p, d_);
+            }
+    }
+
+private:
+    int K_ = 0, d_ = 0;
+    std::int64_t chunks_ = 0;
+    std::vector<int> slot_;                  // chunk x model: index of the model's sums in the chunk's store, or -1
+    std::vector<std::vector<float>> store_;  // chunk: the sums of the models it has, d each
+};
+
 class Router {
 public:
     explicit Router(const Config& cfg) : cfg_(cfg) {
@@ -163,6 +215,7 @@ public:
         acc_cache_.assign(K, 0.5);
         for (int k = 0; k < K; ++k)
             if (!std::isnan(cfg_.prior[k])) acc_cache_[k] = cfg_.prior[k];
+        set_logit_cache();
     }
 
     const Config& config() const { return cfg_; }
@@ -383,6 +436,7 @@ public:
         get_est(e.cnorm, true); get_est(e.cmean, true); get_est(e.exposure, true); get_est(e.hull, false);
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
+        tmp.set_logit_cache();
         std::lock_guard<std::mutex> lock(mu_);
         swap_state(tmp);
     }
@@ -393,6 +447,11 @@ private:
 
     std::size_t bucket_of(std::int64_t id) const {
         return static_cast<std::size_t>((id / cfg_.bin_width()) % nb_ring_);
+    }
+
+    void set_logit_cache() {
+        logit_cache_.resize(acc_cache_.size());
+        for (std::size_t k = 0; k < acc_cache_.size(); ++k) logit_cache_[k] = logit(acc_cache_[k]);
     }
 
     void validate_loaded() const {
@@ -439,6 +498,7 @@ private:
         slot_idx_.swap(o.slot_idx_); slot_val_.swap(o.slot_val_); pend_.swap(o.pend_); pendnc_.swap(o.pendnc_);
         delay_hist_.swap(o.delay_hist_); weights_.swap(o.weights_); adagrad_.swap(o.adagrad_);
         acc_cache_.swap(o.acc_cache_);
+        logit_cache_.swap(o.logit_cache_);
         std::swap(next_refresh_, o.next_refresh_);
         std::swap(closed_upto_, o.closed_upto_);
         std::swap(est_, o.est_);
@@ -479,22 +539,9 @@ private:
             for (int j = 0; j < f.nnz; ++j)
                 acc += static_cast<double>(weights_[static_cast<std::size_t>(f.idx[j]) * K + k]) * f.val[j];
         } else {
-            acc = lane_sum(weights_.data() + static_cast<std::size_t>(k) * cfg_.dim, f.dense, cfg_.dim,
-                           [](double w, double x) { return w * x; });
+            acc = kernels::dot(weights_.data() + static_cast<std::size_t>(k) * cfg_.dim, f.dense, cfg_.dim);
         }
         return acc;
-    }
-
-    // sum_j op(a_j, b_j) in double, accumulated in 8 lanes (lane j % 8) that are added pairwise
-    // at the end: a fixed order the compiler can vectorise and the reference can reproduce.
-    template <class Op>
-    static double lane_sum(const float* a, const float* b, int n, Op op) {
-        double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int j = 0;
-        for (; j + 8 <= n; j += 8)
-            for (int l = 0; l < 8; ++l) lane[l] += op(static_cast<double>(a[j + l]), static_cast<double>(b[j + l]));
-        for (int l = 0; j < n; ++j, ++l) lane[l] += op(static_cast<double>(a[j]), static_cast<double>(b[j]));
-        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
 
     // sqrt(sum_j phi_j^2 / (lambda0 + G_kj)): the predictor's uncertainty for this request.
@@ -507,9 +554,7 @@ private:
                 acc += v * v / (cfg_.lambda0 + adagrad_[static_cast<std::size_t>(f.idx[j]) * K + k]);
             }
         } else {
-            const double l0 = cfg_.lambda0;
-            acc = lane_sum(adagrad_.data() + static_cast<std::size_t>(k) * cfg_.dim, f.dense, cfg_.dim,
-                           [l0](double g, double v) { return v * v / (l0 + g); });
+            acc = kernels::spread2(adagrad_.data() + static_cast<std::size_t>(k) * cfg_.dim, f.dense, cfg_.dim, cfg_.lambda0);
         }
         return std::sqrt(acc);
     }
@@ -517,7 +562,12 @@ private:
     // d(negative log-likelihood)/dz of model k's predictor for an observation: a complaint
     // (y = 1) or silence (y = 0) at report rate rho, or an audit label y.
     double gradient(int k, const FeatureView& f, int obs, double y, double rho) const {
-        const double z = logit(acc_cache_[k]) + dot(k, f);
+        return gradient_at(k, dot(k, f), obs, y, rho);
+    }
+
+    // gradient() given the score w_k . phi(x).
+    double gradient_at(int k, double score, int obs, double y, double rho) const {
+        const double z = logit_cache_[k] + score;
         const double p = sigmoid(z);
         if (obs == kObsLabel) return p - y;
         const double rf = std::min(cfg_.rho_false, 0.5 * rho);  // as in refresh_locked
@@ -526,9 +576,13 @@ private:
         return -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi;
     }
 
+public:
+    // The gradient of a silent observation (no complaint in the window) of model k.
     double silent_gradient(int k, const FeatureView& f, double rho) const {
         return gradient(k, f, kObsComplaint, 0.0, rho);
     }
+
+private:
 
     // One AdaGrad coordinate step with gradient component gsum (before the L2 term).
     void adagrad_step(float& w, float& G, double gsum) const {
@@ -563,21 +617,18 @@ private:
             }
         } else {
             const std::size_t base = static_cast<std::size_t>(k) * cfg_.dim;
-            for (int j = 0; j < cfg_.dim; ++j) step(weights_[base + j], adagrad_[base + j], f.dense[j]);
+            kernels::adagrad_scaled(weights_.data() + base, adagrad_.data() + base, gf, f.dense, cfg_.dim, lr, l2, l0);
         }
     }
 
     // The request `id` leaves its feedback window: silence now counts as "no complaint".
-    void close_locked(std::int64_t id, bool learn = true) {
+    void close_locked(std::int64_t id) {
         const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
         const int k = slot_model_[s];
         const std::uint8_t fl = slot_flags_[s];
         const std::size_t b = bucket_of(id);
         pend_[k * nb_ring_ + b] -= 1;
-        if (!(fl & kComplained)) {
-            pendnc_[k * nb_ring_ + b] -= 1;
-            if (learn) learn_locked(k, s, kObsComplaint, 0.0);
-        }
+        if (!(fl & kComplained)) pendnc_[k * nb_ring_ + b] -= 1;
         closed_[k] += 1;
         if ((fl & kAudited) && (fl & kAuditUnsat)) {
             rho_n_ += 1;
@@ -587,39 +638,130 @@ private:
 
     // Before routing the next B requests (route() is B = 1): close the requests they push out of
     // the window and refresh the estimates if a refresh falls among them.
-    void open_locked(std::int64_t B) {
-        close_before_locked(std::min(t_ + B, t_ + cfg_.window) - cfg_.window);
+    void open_locked(std::int64_t B, int threads = 1) {
+        close_before_locked(std::min(t_ + B, t_ + cfg_.window) - cfg_.window, threads);
         if (t_ + B > next_refresh_) {
             refresh_locked(est_);
             acc_cache_ = est_.acc;
+            set_logit_cache();
             next_refresh_ = t_ + cfg_.refresh;
         }
     }
 
-    // Closes every pending request with an id below `end`, in id order. Many closures at once
-    // (a batch) do the bookkeeping in order and then the silent predictor steps in parallel,
-    // one thread per group of models: steps of different models touch different weights, and
-    // each model's steps keep their order, so the result is exactly the sequential one.
-    void close_before_locked(std::int64_t end) {
-        const std::int64_t n = end - closed_upto_;
-        if (n < 64 || cfg_.lr <= 0.0) {
-            for (; closed_upto_ < end; ++closed_upto_) close_locked(closed_upto_);
+    // Closes every pending request with an id below `end`, in id order. The silent ones teach
+    // the predictor as one minibatch: one AdaGrad step per model (silent_step_locked).
+    void close_before_locked(std::int64_t end, int threads) {
+        if (closed_upto_ >= end) return;
+        const double rho = rho_current();  // the report rate before these closures
+        if (end - closed_upto_ == 1) {      // route(): at most one closure, no allocation
+            const std::int64_t id = closed_upto_;
+            const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
+            const bool silent = !(slot_flags_[s] & kComplained);
+            const int k = slot_model_[s];
+            close_locked(id);
+            closed_upto_ = end;
+            if (silent && cfg_.lr > 0.0) {
+                const FeatureView f = slot_view(s);
+                if (cfg_.hashed()) {
+                    silent_step_locked(1, [&](std::int64_t) { return std::make_pair(k, f); }, rho, threads, nullptr);
+                } else {  // the dense minibatch of one row, without its buffers
+                    const std::size_t base = static_cast<std::size_t>(k) * cfg_.dim;
+                    kernels::adagrad_row(weights_.data() + base, adagrad_.data() + base,
+                                         static_cast<float>(silent_gradient(k, f, rho)), f.dense,
+                                         cfg_.dim, static_cast<float>(cfg_.lr), static_cast<float>(cfg_.l2),
+                                         static_cast<float>(cfg_.lambda0));
+                }
+            }
             return;
         }
-        struct Step { int k; std::size_t s; double rho; };
-        std::vector<Step> steps;
-        steps.reserve(static_cast<std::size_t>(n));
+        std::vector<SilentRow> rows;
+        rows.reserve(static_cast<std::size_t>(end - closed_upto_));
         for (; closed_upto_ < end; ++closed_upto_) {
             const std::size_t s = static_cast<std::size_t>(closed_upto_ % cfg_.window);
-            const std::uint8_t fl = slot_flags_[s];
-            if (!(fl & kComplained)) steps.push_back(Step{slot_model_[s], s, rho_current()});
-            close_locked(closed_upto_, /*learn=*/false);
+            if (!(slot_flags_[s] & kComplained)) rows.push_back(SilentRow{slot_model_[s], s});
+            close_locked(closed_upto_);
         }
+        if (cfg_.lr > 0.0 && !rows.empty())
+            silent_step_locked(static_cast<std::int64_t>(rows.size()),
+                               [&](std::int64_t r) { return std::make_pair(rows[r].k, slot_view(rows[r].s)); }, rho,
+                               threads, nullptr);
+    }
+
+    struct SilentRow {
+        int k;
+        std::size_t s;
+    };
+
+    // One minibatch of silent observations ("no complaint in the window"): the n rows'
+    // gradients are computed on the current weights at report rate rho, summed per model, and
+    // each model that has a row takes one AdaGrad step. `row(r)` gives row r's model and
+    // features. Dense routers sum by chunks (SilentSums; `sums`, when given, holds the sums
+    // already); hashed ones by bucket. Neither order depends on `threads`.
+    template <class RowFn>
+    void silent_step_locked(std::int64_t n, const RowFn& row, double rho, int threads, const SilentSums* sums) {
         const int K = cfg_.n_models;
-        parallel_for(K, 0, [&](std::int64_t lo, std::int64_t hi) {
-            for (const Step& st : steps)
-                if (st.k >= lo && st.k < hi) learn_step_locked(st.k, st.s, kObsComplaint, 0.0, st.rho);
+        if (!cfg_.hashed()) {
+            const int d = cfg_.dim;
+            SilentSums own;
+            if (sums == nullptr) {
+                own.reset(K, d, n);
+                parallel_for(own.chunks(), n * d >= kParallelWork ? threads : 1, [&](std::int64_t lo, std::int64_t hi) {
+                    for (std::int64_t r = lo * kSilentChunk; r < std::min(n, hi * kSilentChunk); ++r) {
+                        const auto kf = row(r);
+                        own.add(r, kf.first, silent_gradient(kf.first, kf.second, rho), kf.second.dense);
+                    }
+                }, 1);
+                sums = &own;
+            }
+            std::vector<double> grad;
+            std::vector<char> has;
+            sums->total(grad, has);
+            for (int k = 0; k < K; ++k)
+                if (has[k]) {
+                    const std::size_t base = static_cast<std::size_t>(k) * d;
+                    adagrad_steps(weights_.data() + base, adagrad_.data() + base, grad.data() + base, d);
+                }
+            return;
+        }
+        std::vector<char> has(K, 0);
+        std::vector<double> g(static_cast<std::size_t>(n));
+        parallel_for(n, n * 64 >= kParallelWork ? threads : 1, [&](std::int64_t lo, std::int64_t hi) {
+            for (std::int64_t r = lo; r < hi; ++r) {
+                const auto kf = row(r);
+                g[static_cast<std::size_t>(r)] = silent_gradient(kf.first, kf.second, rho);
+            }
+        }, 64);
+        // Hashed features: per model, the (bucket, term) pairs sorted by bucket (stably, so each
+        // bucket sums its terms in row order), then one step per bucket; models in parallel.
+        std::vector<std::vector<std::pair<std::int32_t, double>>> terms(K);
+        for (std::int64_t r = 0; r < n; ++r) {
+            const auto kf = row(r);
+            const FeatureView& f = kf.second;
+            has[kf.first] = 1;
+            auto& v = terms[kf.first];
+            for (int j = 0; j < f.nnz; ++j) v.emplace_back(f.idx[j], g[r] * f.val[j]);
+        }
+        const int T = n * 64 >= kParallelWork ? threads : 1;
+        parallel_for(K, T, [&](std::int64_t lo, std::int64_t hi) {
+            for (std::int64_t k = lo; k < hi; ++k) {
+                auto& v = terms[k];
+                std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+                for (std::size_t a = 0; a < v.size();) {
+                    double sum = 0.0;
+                    std::size_t e = a;
+                    for (; e < v.size() && v[e].first == v[a].first; ++e) sum += v[e].second;
+                    const std::size_t ix = static_cast<std::size_t>(v[a].first) * K + k;
+                    adagrad_step(weights_[ix], adagrad_[ix], sum);
+                    a = e;
+                }
+            }
         }, 1);
+    }
+
+    // adagrad_step on n consecutive coordinates (vectorises: no reductions).
+    void adagrad_steps(float* w, float* G, const double* gsum, int n) const {
+        kernels::adagrad(w, G, gsum, n, static_cast<float>(cfg_.lr), static_cast<float>(cfg_.l2),
+                         static_cast<float>(cfg_.lambda0));
     }
 
 public:
@@ -641,10 +783,10 @@ public:
         double rho = 1.0;
     };
 
-    BatchStart batch_begin_locked(std::int64_t B) {
+    BatchStart batch_begin_locked(std::int64_t B, int threads = 0) {
         if (B < 1) throw std::invalid_argument("a batch needs at least one request");
         const std::int64_t t0 = t_;
-        open_locked(B);
+        open_locked(B, threads);
         BatchStart b;
         b.plan = plan_locked(est_, dual_locked());
         b.rng = rng_;
@@ -659,61 +801,36 @@ public:
         return uniform01(s);
     }
 
-    // Records row r's decision; `f` may be empty for rows that close within the batch.
-    // `grad` accumulates, per model, the silent-step gradient of rows closing within the batch
-    // (K x dim, dense routers only) unless the caller computed it (then pass nullptr).
+    // Records the rows' decisions. The first B - window rows close within the batch: one
+    // minibatch step per model (silent_step_locked) on their features, or, for dense routers,
+    // on `grad_in` (models x dim) when the caller summed their gradients, or on `sums` when the
+    // caller computed them by chunks while deciding.
     void batch_commit_locked(std::int64_t B, const std::int32_t* models, const std::uint8_t* explored,
-                             const std::function<FeatureView(std::int64_t)>& features, const double* grad_in) {
+                             const std::function<FeatureView(std::int64_t)>& features, const double* grad_in,
+                             int threads = 0, const SilentSums* sums = nullptr) {
         const std::int64_t t0 = t_;
         const std::int64_t W = cfg_.window;
         const int K = cfg_.n_models;
         // Rows that close within the batch never become pending.
         const std::int64_t n_inner = std::max<std::int64_t>(0, B - W);
-        std::vector<double> grad;
-        std::vector<std::int64_t> touched;
-        const bool dense = !cfg_.hashed();
-        if (n_inner > 0 && cfg_.lr > 0.0 && grad_in == nullptr) {
-            if (dense) grad.assign(static_cast<std::size_t>(K) * cfg_.dim, 0.0);
-        }
-        std::vector<std::vector<std::pair<std::int32_t, double>>> sparse(dense ? 0 : K);
         std::vector<char> has(K, 0);
-        const double rho = rho_current();
         for (std::int64_t r = 0; r < n_inner; ++r) {
             const int k = models[r];
             served_[k] += 1;
             closed_[k] += 1;
             if (explored[r]) explored_ += 1;
             has[k] = 1;
-            if (cfg_.lr > 0.0 && grad_in == nullptr) {
-                const FeatureView f = features(r);
-                const double g = silent_gradient(k, f, rho);
-                if (dense) {
-                    double* gk = grad.data() + static_cast<std::size_t>(k) * cfg_.dim;
-                    for (int j = 0; j < cfg_.dim; ++j) gk[j] += g * f.dense[j];
-                } else {
-                    for (int j = 0; j < f.nnz; ++j) sparse[k].emplace_back(f.idx[j], g * f.val[j]);
-                }
-            }
         }
         if (cfg_.lr > 0.0 && n_inner > 0) {
-            for (int k = 0; k < K; ++k) {
-                if (!has[k]) continue;
-                if (dense) {
-                    const double* gk = (grad_in ? grad_in : grad.data()) + static_cast<std::size_t>(k) * cfg_.dim;
-                    const std::size_t base = static_cast<std::size_t>(k) * cfg_.dim;
-                    for (int j = 0; j < cfg_.dim; ++j) adagrad_step(weights_[base + j], adagrad_[base + j], gk[j]);
-                } else {
-                    auto& v = sparse[k];
-                    std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-                    for (std::size_t a = 0; a < v.size();) {
-                        double sum = 0.0;
-                        std::size_t e = a;
-                        for (; e < v.size() && v[e].first == v[a].first; ++e) sum += v[e].second;
-                        const std::size_t ix = static_cast<std::size_t>(v[a].first) * K + k;
-                        adagrad_step(weights_[ix], adagrad_[ix], sum);
-                        a = e;
+            if (grad_in != nullptr) {  // dense routers: the caller summed the gradients per model
+                for (int k = 0; k < K; ++k)
+                    if (has[k]) {
+                        const std::size_t base = static_cast<std::size_t>(k) * cfg_.dim;
+                        adagrad_steps(weights_.data() + base, adagrad_.data() + base, grad_in + base, cfg_.dim);
                     }
-                }
+            } else {
+                silent_step_locked(n_inner, [&](std::int64_t r) { return std::make_pair(static_cast<int>(models[r]), features(r)); },
+                                   rho_current(), threads, sums);
             }
         }
         for (std::int64_t r = n_inner; r < B; ++r) {
@@ -993,8 +1110,11 @@ public:
     }
 
     // The per-request part of the decision: two uniform draws and the request's features.
+    // `score`, when given, receives w_k . phi(x) of the model served when the decision computed
+    // it (a mix with a tilt), and NaN otherwise.
     int decide_row(const Plan& p, const FeatureView& f, const double* cost, double u1, double u2,
-                   bool* explored) const {
+                   bool* explored, double* score = nullptr) const {
+        if (score != nullptr) *score = std::numeric_limits<double>::quiet_NaN();
         switch (p.regime) {
             case Plan::kServeBest:
                 if (u1 < p.eps && p.ncand > 0) {
@@ -1007,24 +1127,36 @@ public:
             default: {
                 if (p.w <= 0.0) return p.i;
                 if (p.w >= 1.0) return p.j;
-                const double adv = advantage(est_, f, cost, p.i, p.j);
+                double si = 0.0, sj = 0.0;
+                const double adv = advantage(est_, f, cost, p.i, p.j, &si, &sj);
                 const double pj = adv == 0.0 ? p.w : sigmoid(logit(p.w) + cfg_.tilt * adv);
-                return u2 < pj ? p.j : p.i;
+                const bool take_j = u2 < pj;
+                if (score != nullptr && cfg_.tilt > 0.0) *score = take_j ? sj : si;
+                return take_j ? p.j : p.i;
             }
         }
+    }
+
+    // silent_gradient() when w_k . phi(x) is known (NaN: not known).
+    double silent_gradient(int k, const FeatureView& f, double rho, double score) const {
+        return std::isnan(score) ? silent_gradient(k, f, rho) : gradient_at(k, score, kObsComplaint, 0.0, rho);
     }
 
 private:
     // How much better than average model j is, relative to model i, for this request: the
     // predictors' deviations from the models' mean accuracies, in units of the accuracy gap,
-    // minus the per-request cost deviation in units of the mean cost gap.
-    double advantage(const Estimates& e, const FeatureView& f, const double* cost, int i, int j) const {
+    // minus the per-request cost deviation in units of the mean cost gap. Stores the two
+    // models' scores w . phi(x) in *si and *sj.
+    double advantage(const Estimates& e, const FeatureView& f, const double* cost, int i, int j, double* si,
+                     double* sj) const {
         if (cfg_.tilt <= 0.0) return 0.0;
         const double gap = std::max(e.acc[j] - e.acc[i], 1e-3);
         const double bj = cfg_.beta > 0.0 ? cfg_.beta * spread(j, f) : 0.0;
         const double bi = cfg_.beta > 0.0 ? cfg_.beta * spread(i, f) : 0.0;
-        const double dj = sigmoid(logit(e.acc[j]) + dot(j, f) + bj) - e.acc[j];
-        const double di = sigmoid(logit(e.acc[i]) + dot(i, f) + bi) - e.acc[i];
+        *sj = dot(j, f);
+        *si = dot(i, f);
+        const double dj = sigmoid(logit(e.acc[j]) + *sj + bj) - e.acc[j];
+        const double di = sigmoid(logit(e.acc[i]) + *si + bi) - e.acc[i];
         double adv = (dj - di) / gap;
         if (cost != nullptr) {
             const double dc = e.cmean[j] - e.cmean[i];
@@ -1055,6 +1187,7 @@ private:
     std::vector<std::int64_t> delay_hist_;
     std::vector<float> weights_, adagrad_;
     std::vector<double> acc_cache_;
+    std::vector<double> logit_cache_;  // logit(acc_cache_), not serialised
 };
 
 }  // namespace slarouter

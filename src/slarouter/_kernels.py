@@ -215,50 +215,37 @@ def _draw(state, i):
     return float(z >> _S11) * (1.0 / 9007199254740992.0)
 
 
+_LANES = 32  # kernels::kLanes
+_SILENT_CHUNK = 256  # kSilentChunk (router.hpp)
+
+
 @numba.jit(**_JIT)
 def _lane_dot(a, b, square_over):
-    """sum_j a_j b_j (or, when square_over >= 0, b_j^2 / (square_over + a_j)) in 8 lanes added
-    pairwise at the end: the order of Router::lane_sum, so results match bit for bit."""
-    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = 0.0
+    """sum_j a_j b_j in float32 (kernels::dot), or, when square_over >= 0, sum_j b_j^2 /
+    (square_over + a_j) in double (kernels::spread2): term j in lane j % 32, the lanes then folded
+    in halves, so results match the C++ core bit for bit."""
     n = b.shape[0]
-    j = 0
-    sq = square_over >= 0.0
-    while j + 8 <= n:
-        if sq:
-            l0 += np.float64(b[j]) * np.float64(b[j]) / (square_over + np.float64(a[j]))
-            l1 += np.float64(b[j + 1]) * np.float64(b[j + 1]) / (square_over + np.float64(a[j + 1]))
-            l2 += np.float64(b[j + 2]) * np.float64(b[j + 2]) / (square_over + np.float64(a[j + 2]))
-            l3 += np.float64(b[j + 3]) * np.float64(b[j + 3]) / (square_over + np.float64(a[j + 3]))
-            l4 += np.float64(b[j + 4]) * np.float64(b[j + 4]) / (square_over + np.float64(a[j + 4]))
-            l5 += np.float64(b[j + 5]) * np.float64(b[j + 5]) / (square_over + np.float64(a[j + 5]))
-            l6 += np.float64(b[j + 6]) * np.float64(b[j + 6]) / (square_over + np.float64(a[j + 6]))
-            l7 += np.float64(b[j + 7]) * np.float64(b[j + 7]) / (square_over + np.float64(a[j + 7]))
-        else:
-            l0 += np.float64(a[j]) * np.float64(b[j])
-            l1 += np.float64(a[j + 1]) * np.float64(b[j + 1])
-            l2 += np.float64(a[j + 2]) * np.float64(b[j + 2])
-            l3 += np.float64(a[j + 3]) * np.float64(b[j + 3])
-            l4 += np.float64(a[j + 4]) * np.float64(b[j + 4])
-            l5 += np.float64(a[j + 5]) * np.float64(b[j + 5])
-            l6 += np.float64(a[j + 6]) * np.float64(b[j + 6])
-            l7 += np.float64(a[j + 7]) * np.float64(b[j + 7])
-        j += 8
-    rest = np.zeros(8)
-    l = 0
-    while j < n:
-        x = np.float64(b[j])
-        rest[l] = x * x / (square_over + np.float64(a[j])) if sq else np.float64(a[j]) * x
-        j += 1
-        l += 1
-    l0 += rest[0]
-    l1 += rest[1]
-    l2 += rest[2]
-    l3 += rest[3]
-    l4 += rest[4]
-    l5 += rest[5]
-    l6 += rest[6]
-    l7 += rest[7]
-    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+    if square_over >= 0.0:
+        lane = np.zeros(_LANES)
+        for j in range(n):
+            x = np.float64(b[j])
+            lane[j % _LANES] += x * x / (square_over + np.float64(a[j]))
+    else:
+        lane32 = np.zeros(_LANES, dtype=np.float32)
+        for j in range(n):
+            lane32[j % _LANES] += np.float32(a[j]) * np.float32(b[j])
+        h = _LANES // 2
+        while h >= 1:
+            for l in range(h):
+                lane32[l] += lane32[l + h]
+            h //= 2
+        return np.float64(lane32[0])
+    h = _LANES // 2
+    while h >= 1:
+        for l in range(h):
+            lane[l] += lane[l + h]
+        h //= 2
+    return lane[0]
 
 
 @numba.jit(**_JIT)
@@ -342,21 +329,32 @@ def _route_rows(X, cost, has_cost, regime, model, eps, cand, i, j, w, tilt, beta
         explored[r] = e
 
 
-@numba.jit(**_JIT)
+@numba.jit(parallel=True, **_JIT)
 def _silent_grad(X, models, n, weights, acc, rho, rho_false):
-    """Summed silent-step gradients (models x dim) of rows 0..n-1, which close within the batch
-    (Router::batch_commit_locked)."""
+    """Summed silent-step gradients (models x dim) of rows 0..n-1, which close within the batch,
+    in the order of SilentSums (router.hpp): per chunk of 256 rows, float32 sums in row order;
+    the chunks' sums added in double. Chunks run in parallel."""
     K, d = weights.shape
+    n_chunks = (n + _SILENT_CHUNK - 1) // _SILENT_CHUNK
+    part = np.zeros((n_chunks, K, d), dtype=np.float32)
+    seen = np.zeros((n_chunks, K), dtype=np.bool_)
+    for c in numba.prange(n_chunks):
+        for r in range(c * _SILENT_CHUNK, min(n, (c + 1) * _SILENT_CHUNK)):
+            k = models[r]
+            p = _plain_sigmoid(_logit(acc[k]) + _lane_dot(weights[k], X[r], -1.0))
+            pi = min(max(rho * (1.0 - p) + rho_false * p, 1e-9), 1.0 - 1e-9)
+            dpi = (rho_false - rho) * p * (1.0 - p)
+            y = 0.0  # silence; written as Router::gradient writes it, for the same rounding
+            g = np.float32(-(y / pi - (1.0 - y) / (1.0 - pi)) * dpi)
+            seen[c, k] = True
+            for j in range(d):
+                part[c, k, j] += g * X[r, j]
     grad = np.zeros((K, d))
-    for r in range(n):
-        k = models[r]
-        p = _plain_sigmoid(_logit(acc[k]) + _lane_dot(weights[k], X[r], -1.0))
-        pi = min(max(rho * (1.0 - p) + rho_false * p, 1e-9), 1.0 - 1e-9)
-        dpi = (rho_false - rho) * p * (1.0 - p)
-        y = 0.0  # silence; written as Router::gradient writes it, for the same rounding
-        g = -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi
-        for c in range(d):
-            grad[k, c] += g * np.float64(X[r, c])
+    for c in range(n_chunks):
+        for k in range(K):
+            if seen[c, k]:
+                for j in range(d):
+                    grad[k, j] += np.float64(part[c, k, j])
     return grad
 
 

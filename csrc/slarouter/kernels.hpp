@@ -1,0 +1,104 @@
+// The dense inner loops of the engine, compiled twice on x86-64 Linux with GCC: for the
+// baseline instruction set and for AVX2 (picked at load time by the CPU). Both give the same
+// bits: no fused multiply-add (-ffp-contract=off), no reassociation, the same operation order.
+#pragma once
+
+#include <cmath>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SLAROUTER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SLAROUTER_CLONES
+#endif
+
+namespace slarouter {
+namespace kernels {
+
+// Dense sums accumulate in kLanes lanes (term j in lane j % kLanes), enough independent
+// chains to hide the latency of the additions; the lanes are then folded in halves (lane l +=
+// lane l + h for h = 16, 8, 4, 2, 1). A fixed order the compiler can vectorise and the reference
+// (tests/reference.py) and the Numba kernel repeat.
+constexpr int kLanes = 32;
+
+template <class T>
+inline T fold(T* lane) {
+    for (int h = kLanes / 2; h >= 1; h /= 2)
+        for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+    return lane[0];
+}
+
+// sum_j a_j * b_j, in single precision (as a matrix product on float32 data would be).
+SLAROUTER_CLONES inline double dot(const float* a, const float* b, int n) {
+    float lane[kLanes] = {};
+    int j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) lane[l] += a[j + l] * b[j + l];
+    for (int l = 0; j < n; ++j, ++l) lane[l] += a[j] * b[j];
+    return static_cast<double>(fold(lane));
+}
+
+// sum_j v_j^2 / (l0 + G_j), in double
+SLAROUTER_CLONES inline double spread2(const float* G, const float* v, int n, double l0) {
+    double lane[kLanes] = {};
+    int j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+            const double x = v[j + l];
+            lane[l] += x * x / (l0 + static_cast<double>(G[j + l]));
+        }
+    for (int l = 0; j < n; ++j, ++l) {
+        const double x = v[j];
+        lane[l] += x * x / (l0 + static_cast<double>(G[j]));
+    }
+    return fold(lane);
+}
+
+// g_j += a * x_j, in single precision
+SLAROUTER_CLONES inline void axpy(float* g, float a, const float* x, int n) {
+    for (int j = 0; j < n; ++j) g[j] += a * x[j];
+}
+
+// a_j += b_j, in double
+SLAROUTER_CLONES inline void add(double* a, const float* b, int n) {
+    for (int j = 0; j < n; ++j) a[j] += static_cast<double>(b[j]);
+}
+
+// AdaGrad steps on n coordinates with gradient components gsum_j (before the L2 term), in
+// single precision.
+SLAROUTER_CLONES inline void adagrad(float* w, float* G, const double* gsum, int n, float lr, float l2, float l0) {
+    for (int j = 0; j < n; ++j) {
+        const float gj = static_cast<float>(gsum[j]) + l2 * w[j];
+        const float Gn = G[j] + gj * gj;
+        G[j] = Gn;
+        w[j] = w[j] - lr * gj / std::sqrt(l0 + Gn);
+    }
+}
+
+// adagrad() on the sums of a minibatch of one row (SilentSums): gsum_j = 0 + (0 + g * x_j),
+// the inner sum in single precision.
+SLAROUTER_CLONES inline void adagrad_row(float* w, float* G, float g, const float* x, int n, float lr, float l2, float l0) {
+    for (int j = 0; j < n; ++j) {
+        float s = 0.0f;
+        s += g * x[j];
+        double t = 0.0;
+        t += static_cast<double>(s);
+        const float gj = static_cast<float>(t) + l2 * w[j];
+        const float Gn = G[j] + gj * gj;
+        G[j] = Gn;
+        w[j] = w[j] - lr * gj / std::sqrt(l0 + Gn);
+    }
+}
+
+// AdaGrad steps with gradient components g * x_j, the product taken in single precision.
+SLAROUTER_CLONES inline void adagrad_scaled(float* w, float* G, float g, const float* x, int n, float lr, float l2,
+                                            float l0) {
+    for (int j = 0; j < n; ++j) {
+        const float gj = g * x[j] + l2 * w[j];
+        const float Gn = G[j] + gj * gj;
+        G[j] = Gn;
+        w[j] = w[j] - lr * gj / std::sqrt(l0 + Gn);
+    }
+}
+
+}  // namespace kernels
+}  // namespace slarouter
