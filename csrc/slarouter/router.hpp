@@ -882,7 +882,8 @@ private:
         const double N = static_cast<double>(t_);
         rate.assign(B, 0.0);
         double xs = 0.0, es = 0.0;
-        std::vector<double> expo(B);
+        std::vector<double>& expo = scratch_.expo;
+        expo.resize(B);
         for (int b = 0; b < B; ++b) {
             const double m = N - b * wb;
             double e = 0.0;
@@ -923,26 +924,46 @@ private:
         const double rf = std::min(cfg_.rho_false, 0.5 * rho);
         e.rho = rho;
         // Delay distribution (point estimate and the two bounds) at the age of each live bucket.
+        // The three differ only in bins no request has reached yet; once every bin has been
+        // reached they coincide, and are computed once.
         const std::int64_t wb = cfg_.bin_width();
-        std::vector<double> Fb[3];
-        std::vector<char> live(nb_ring_, 0);
+        const bool reached = N - static_cast<double>(cfg_.bins - 1) * static_cast<double>(wb) > 0.0;
+        const int ntails = reached ? 1 : 3;
+        RefreshScratch& sc = scratch_;
+        sc.live.assign(nb_ring_, 0);
         const std::int64_t lo_id = std::max<std::int64_t>(0, t_ - cfg_.window);
-        for (int tail = 0; tail < 3; ++tail) {
-            std::vector<double> rate;
-            delay_rates(rate, tail);
-            std::vector<double> cum(rate.size() + 1, 0.0);
-            for (std::size_t b = 0; b < rate.size(); ++b) cum[b + 1] = cum[b] + rate[b];
-            Fb[tail].assign(nb_ring_, 0.0);
+        for (int tail = 0; tail < ntails; ++tail) {
+            delay_rates(sc.rate, tail);
+            sc.cum.assign(sc.rate.size() + 1, 0.0);
+            for (std::size_t b = 0; b < sc.rate.size(); ++b) sc.cum[b + 1] = sc.cum[b] + sc.rate[b];
+            sc.Fb[tail].assign(nb_ring_, 0.0);
             if (t_ == 0) continue;
             for (std::int64_t rb = lo_id / wb; rb <= (t_ - 1) / wb; ++rb) {
                 const std::int64_t lo = std::max(rb * wb, lo_id);
                 const std::int64_t hi = std::min((rb + 1) * wb - 1, t_ - 1);
                 const double age = (N - 1.0) - 0.5 * static_cast<double>(lo + hi);
                 const std::size_t r = static_cast<std::size_t>(rb % nb_ring_);
-                Fb[tail][r] = cdf_at(cum, cum.back(), static_cast<double>(wb), age);
-                live[r] = 1;
+                sc.Fb[tail][r] = cdf_at(sc.cum, sc.cum.back(), static_cast<double>(wb), age);
+                sc.live[r] = 1;
             }
         }
+        // Exposure of each model under each tail: its closed requests plus its pending ones
+        // weighted by the fraction of their complaints already in (buckets in ring order; the
+        // models are independent sums, interleaved so that they do not wait on one another).
+        for (int tail = 0; tail < ntails; ++tail) {
+            std::vector<double>& n = sc.n3[tail];
+            n.resize(K);
+            for (int k = 0; k < K; ++k) n[k] = static_cast<double>(closed_[k]);
+            for (int r = 0; r < nb_ring_; ++r) {
+                if (!sc.live[r]) continue;
+                const double F = sc.Fb[tail][r];
+                for (int k = 0; k < K; ++k) n[k] += static_cast<double>(pend_[k * nb_ring_ + r]) * F;
+            }
+        }
+        const std::vector<double>& Fdecay = sc.Fb[kTailDecay];
+        const std::vector<double>& n_decay = sc.n3[kTailDecay];
+        const std::vector<double>& n_flat = sc.n3[reached ? kTailDecay : kTailFlat];
+        const std::vector<double>& n_none = sc.n3[reached ? kTailDecay : kTailNone];
         // Per-model accuracy from complaint counts (exposure-weighted) and audits.
         e.acc.assign(K, 0.0); e.sd.assign(K, 0.0); e.lcb.assign(K, 0.0); e.ucb.assign(K, 0.0);
         e.cmean.assign(K, 0.0); e.cnorm.assign(K, 0.0); e.exposure.assign(K, 0.0);
@@ -968,29 +989,25 @@ private:
                 *var = v;
                 return std::min(std::max(a, 0.0), 1.0);
             };
-            double n3[3];
-            for (int tail = 0; tail < 3; ++tail) {
-                double n = static_cast<double>(closed_[k]);
-                for (int r = 0; r < nb_ring_; ++r)
-                    if (live[r]) n += static_cast<double>(pend_[k * nb_ring_ + r]) * Fb[tail][r];
-                n3[tail] = n;
-            }
-            e.exposure[k] = n3[kTailDecay];
-            nexp += n3[kTailDecay];
+            e.exposure[k] = n_decay[k];
+            nexp += n_decay[k];
             double var, var_lo, var_hi;
-            const double a = estimate(n3[kTailDecay], &var);
-            const double a_lo = estimate(n3[kTailFlat], &var_lo);
-            const double a_hi = estimate(n3[kTailNone], &var_hi);
+            const double a = estimate(n_decay[k], &var);
+            const double a_lo = reached ? a : estimate(n_flat[k], &var_lo);
+            const double a_hi = reached ? a : estimate(n_none[k], &var_hi);
+            if (reached) var_lo = var_hi = var;
             e.acc[k] = a;
             e.sd[k] = std::sqrt(var);
             // The bounds carry both the sampling error and the uncertainty about late complaints.
             e.lcb[k] = std::max(a_lo - cfg_.z_lcb * std::sqrt(var_lo), 0.0);
             e.ucb[k] = a_hi + cfg_.z_ucb * std::sqrt(var_hi);  // not clipped: ranks untried models first
-            for (int r = 0; r < nb_ring_; ++r) {
-                if (!live[r]) continue;
+            bool waiting = false;  // any request of model k still in its window without a complaint
+            for (int r = 0; r < nb_ring_; ++r) waiting |= pendnc_[k * nb_ring_ + r] != 0;
+            for (int r = 0; waiting && r < nb_ring_; ++r) {
+                if (!sc.live[r]) continue;
                 const double nc = static_cast<double>(pendnc_[k * nb_ring_ + r]);
                 if (nc == 0.0) continue;
-                const double F = Fb[kTailDecay][r];
+                const double F = Fdecay[r];
                 const double u = 1.0 - a;
                 epend += nc * u * (1.0 - F) / std::max(1.0 - rho * u * F, 1e-9);
                 prem += nc * (1.0 - F);
@@ -1188,6 +1205,12 @@ private:
     std::vector<float> weights_, adagrad_;
     std::vector<double> acc_cache_;
     std::vector<double> logit_cache_;  // logit(acc_cache_), not serialised
+    // Buffers of refresh_locked, kept between calls (under the lock) to spare allocations.
+    struct RefreshScratch {
+        std::vector<double> rate, cum, expo, Fb[3], n3[3];
+        std::vector<char> live;
+    };
+    mutable RefreshScratch scratch_;
 };
 
 }  // namespace slarouter
