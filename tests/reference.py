@@ -1017,12 +1017,14 @@ class ReferenceRouter:
         complaints = float(self.complaints_total)
         e.unsat = _min(N, _max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend)
         ubar = (e.unsat + self.unsat_prior * (1.0 - self.alpha)) / (N + self.unsat_prior)
-        e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar)
+        H = _max(self.payback_min, _min(N, self.payback / rho))
+        e.payback = H
+        # sampling, pending complaints, and the queue's walk around zero over the horizon H
+        e.var = (N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar)
+                 + H * ubar * (1.0 - rho * ubar) / (2.0 * rho))
         e.margin = self.z * _sqrt(e.var) / N if N > 0 else 1.0
         e.tau = _min(1.0, self.alpha + _max(e.margin, 0.0))
         e.deficit = e.unsat - (1.0 - e.tau) * N
-        H = _max(self.payback_min, _min(N, self.payback / rho))
-        e.payback = H
         e.rho_false = rf
         e.complaints = self.complaints_total
         e.tau_eff = e.tau + e.deficit / H

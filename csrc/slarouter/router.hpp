@@ -1020,12 +1020,17 @@ private:
         const double complaints = static_cast<double>(complaints_total_);
         e.unsat = std::min(N, std::max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend);
         const double ubar = (e.unsat + cfg_.unsat_prior * (1.0 - cfg_.alpha)) / (N + cfg_.unsat_prior);
-        e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar);
+        const double H = std::max(cfg_.payback_min, std::min(N, cfg_.payback / rho));
+        e.payback = H;
+        // The margin covers what the count of unsatisfied requests does not know: how many of
+        // them did not complain (sampling), how many pending ones will, and how far the queue,
+        // which is steered back to zero over H requests, strays from zero meanwhile (an AR(1)
+        // walk whose steps have the variance of 1/rho per unsatisfied request).
+        e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar) +
+                H * ubar * (1.0 - rho * ubar) / (2.0 * rho);
         e.margin = N > 0 ? cfg_.z * std::sqrt(e.var) / N : 1.0;
         e.tau = std::min(1.0, cfg_.alpha + std::max(e.margin, 0.0));
         e.deficit = e.unsat - (1.0 - e.tau) * N;
-        const double H = std::max(cfg_.payback_min, std::min(N, cfg_.payback / rho));
-        e.payback = H;
         e.rho_false = rf;
         e.complaints = complaints_total_;
         e.tau_eff = e.tau + e.deficit / H;
