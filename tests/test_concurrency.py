@@ -42,3 +42,31 @@ def test_eight_threads_route_and_complain():
     assert s["late_complaints"] == 0
     assert sum(m["requests"] for m in s["models"].values()) == THREADS * CYCLES
     assert sum(m["complaints"] for m in s["models"].values()) == sum(sent)
+
+
+def test_batches_of_routers_in_many_threads_match_one_thread():
+    """Routers batching at once in several threads share the engine's worker pool (or start their
+    own threads when it is busy); each must end exactly where it ends when batching alone."""
+    X = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
+
+    def make(seed):
+        return Router([("a", 1.0), ("b", 3.0), ("c", 9.0)], 0.8, report_rate=0.5, features=64, seed=seed,
+                      feedback_window=256)
+
+    def run(r):
+        for b in range(6):
+            ids, models = r.route_batch(X)
+            r.complain_batch(ids[(models == 0) & (np.arange(len(ids)) % 5 == b)][-100:])
+
+    alone = []
+    for seed in range(4):
+        r = make(seed)
+        run(r)
+        alone.append(r.to_bytes())
+    routers = [make(seed) for seed in range(4)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in routers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.to_bytes() for r in routers] == alone
