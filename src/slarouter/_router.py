@@ -20,7 +20,7 @@ from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
 __all__ = ["Model", "Decision", "Router"]
 
 _MAGIC = b"SLAROUTR"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _HEADER = struct.Struct("<8sII")  # magic, format version, config length
 _TRAILER = struct.Struct("<QI")  # payload length, crc32 of everything before it
 
