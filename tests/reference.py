@@ -261,15 +261,16 @@ def frontier(cost: Sequence[float], acc: Sequence[float]) -> List[int]:
 # length-prefixed vector (NumPy dtype).
 STATE_LAYOUT: List[Tuple[str, Any]] = [
     ("t", "q"), ("rng", "Q"), ("complaints_total", "q"), ("late_complaints", "q"), ("audits_total", "q"),
-    ("explored", "q"), ("rho_n", "q"), ("rho_c", "q"),
+    ("explored", "q"), ("rho_n", "q"), ("rho_c", "q"), ("auc", "q"),
     ("served", np.int64), ("closed", np.int64), ("complaints", np.int64), ("audits", np.int64),
     ("audits_sat", np.int64), ("cost_n", np.int64), ("cost_sum", np.float64), ("slot_model", np.int32),
     ("slot_flags", np.uint8), ("slot_nnz", np.int32), ("slot_idx", np.int32), ("slot_val", np.float32),
-    ("pend", np.int64), ("pendnc", np.int64), ("delay_hist", np.int64), ("weights", np.float32),
+    ("pend", np.int64), ("pendnc", np.int64), ("aunc", np.int64), ("delay_hist", np.int64), ("weights", np.float32),
     ("adagrad", np.float32), ("acc_cache", np.float64),
     ("next_refresh", "q"), ("closed_upto", "q"),
     ("est.rho", "d"), ("est.unsat", "d"), ("est.var", "d"), ("est.margin", "d"), ("est.tau", "d"),
     ("est.deficit", "d"), ("est.tau_eff", "d"), ("est.payback", "d"), ("est.rho_false", "d"),
+    ("est.complaint_weight", "d"),
     ("est.n", "q"), ("est.complaints", "q"),
     ("est.acc", np.float64), ("est.sd", np.float64), ("est.lcb", np.float64), ("est.ucb", np.float64),
     ("est.cnorm", np.float64), ("est.cmean", np.float64), ("est.exposure", np.float64), ("est.hull", np.int32),
@@ -333,6 +334,7 @@ class Estimates:
         self.tau_eff = 0.0
         self.payback = 1.0  # deficit payback horizon H
         self.rho_false = 0.0  # false-complaint rate in use
+        self.complaint_weight = 1.0  # scales 1 / (rho - rho_false) per complaint (1 when rho is known)
         self.n = 0  # requests routed when computed
         self.complaints = 0  # complaints received when computed
 
@@ -432,6 +434,7 @@ class ReferenceRouter:
         self.explored = 0
         self.rho_n = 0  # closed audited-unsatisfied requests ...
         self.rho_c = 0  # ... and how many of them complained
+        self.auc = 0  # pending audited-unsatisfied requests that complained ...
         self.served = [0] * K
         self.closed = [0] * K
         self.complaints = [0] * K
@@ -448,6 +451,7 @@ class ReferenceRouter:
         self.slot_val = np.zeros(W * self.slot_width, dtype=np.float32)
         self.pend = [[0] * self.nb_ring for _ in range(K)]  # pending requests per model and bucket
         self.pendnc = [[0] * self.nb_ring for _ in range(K)]  # ... of which without a complaint
+        self.aunc = [0] * self.nb_ring  # ... and those that have not (yet), per bucket
         self.delay_hist = [0] * self.bins
         # float32 storage, laid out as in C++: hashed bucket-major (idx * K + k), dense model-major
         # (k * dim + j).  Read with float(...), written with f32(...).
@@ -643,6 +647,9 @@ class ReferenceRouter:
         delay = self.t - 1 - rid
         self.delay_hist[delay // self.bin_width] += 1
         self.pendnc[k][self._bucket_of(rid)] -= 1
+        if (self.slot_flags[s] & AUDITED) and (self.slot_flags[s] & AUDIT_UNSAT):
+            self.aunc[self._bucket_of(rid)] -= 1
+            self.auc += 1
         self._learn(k, s, OBS_COMPLAINT, 1.0)
         return APPLIED
 
@@ -671,6 +678,10 @@ class ReferenceRouter:
         self.slot_flags[s] |= AUDITED
         if not satisfied:
             self.slot_flags[s] |= AUDIT_UNSAT
+            if self.slot_flags[s] & COMPLAINED:
+                self.auc += 1
+            else:
+                self.aunc[self._bucket_of(rid)] += 1
         k = self.slot_model[s]
         self.audits[k] += 1
         if satisfied:
@@ -737,7 +748,8 @@ class ReferenceRouter:
             "pend": [n for row in self.pend for n in row],
             "pendnc": [n for row in self.pendnc for n in row],
             **{f"est.{name}": getattr(e, name) for name in (
-                "rho", "unsat", "var", "margin", "tau", "deficit", "tau_eff", "payback", "rho_false", "n",
+                "rho", "unsat", "var", "margin", "tau", "deficit", "tau_eff", "payback", "rho_false",
+                "complaint_weight", "n",
                 "complaints", "acc", "sd", "lcb", "ucb", "cnorm", "cmean", "exposure", "hull")},
         }
         out = []
@@ -805,7 +817,10 @@ class ReferenceRouter:
         if (fl & AUDITED) and (fl & AUDIT_UNSAT):
             self.rho_n += 1
             if fl & COMPLAINED:
+                self.auc -= 1
                 self.rho_c += 1
+            else:
+                self.aunc[b] -= 1
 
     def _close_before(self, end: int) -> None:
         """Close every pending request with an id below ``end``, in id order (close_before_locked);
@@ -870,19 +885,44 @@ class ReferenceRouter:
                 a = e
 
     def _rho_current(self) -> float:
-        """The configured report rate, or the Wilson lower bound from closed audits."""
+        """The configured report rate, or the one in use since the last refresh (rho_current)."""
         if self.rho_cfg > 0.0:
             return self.rho_cfg
+        return self.est.rho if self.t > 0 else self.rho_min
+
+    def _rho_estimate(self, F: List[float], live: List[bool]) -> Tuple[float, float]:
+        """Report rate among audited-unsatisfied requests and its variance (rho_estimate): the
+        posterior mode (prior_weight / 2 pseudo requests each way), pending requests without a
+        complaint censored at probability rho F of having complained by their age."""
+        if self.audits_total == 0 or not self.rho_min < 1.0:
+            return self.rho_min, 0.0
+        m = self.prior_weight
+        a = float(self.rho_c + self.auc) + 0.5 * m
+        b = float(self.rho_n - self.rho_c) + 0.5 * m
+
+        def slope(r: float) -> float:
+            g = a / r - b / (1.0 - r)
+            for k in range(self.nb_ring):
+                if live[k] and self.aunc[k] > 0:
+                    g -= float(self.aunc[k]) * F[k] / (1.0 - r * F[k])
+            return g
+
         r = self.rho_min
-        if self.rho_n > 0:
-            n = float(self.rho_n)
-            ph = float(self.rho_c) / n
-            z = self.z
-            z2 = z * z
-            centre = (ph + z2 / (2 * n)) / (1 + z2 / n)
-            half = z * _sqrt(ph * (1 - ph) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-            r = _max(r, centre - half)
-        return _min(r, 1.0)
+        if slope(r) > 0.0:
+            lo, hi = r, 1.0
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                if slope(mid) > 0.0:
+                    lo = mid
+                else:
+                    hi = mid
+            r = 0.5 * (lo + hi)
+        info = a / (r * r) + b / ((1.0 - r) * (1.0 - r))
+        for k in range(self.nb_ring):
+            if live[k] and self.aunc[k] > 0:
+                d = 1.0 - r * F[k]
+                info += float(self.aunc[k]) * F[k] * F[k] / (d * d)
+        return r, 1.0 / info
 
     def _delay_rates(self, tail: int) -> List[float]:
         """Complaint rate per request in each delay bin (delay_rates)."""
@@ -930,9 +970,6 @@ class ReferenceRouter:
         N = float(self.t)
         e = Estimates()
         e.n = self.t
-        rho = self._rho_current()
-        rf = _min(self.rho_false, 0.5 * rho)
-        e.rho = rho
 
         # Delay distribution (point estimate and the two bounds) at the age of each live bucket.
         wb = self.bin_width
@@ -954,7 +991,62 @@ class ReferenceRouter:
                 Fb[tail][ring] = self._cdf_at(cum, cum[-1], float(wb), age)
                 live[ring] = True
 
-        # Per-model accuracy from complaint counts (exposure-weighted) and audits.
+        rho, var_rho = self.rho_cfg, 0.0
+        if not rho > 0.0:
+            rho, var_rho = self._rho_estimate(Fb[TAIL_DECAY], live)
+        rf = _min(self.rho_false, 0.5 * rho)
+        e.rho = rho
+        epend, prem, nexp = self._model_estimates(e, rho, rf, Fb, live)
+
+        # SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
+        complaints = float(self.complaints_total)
+        e.unsat = _min(N, _max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend)
+        ubar = (e.unsat + self.unsat_prior * (1.0 - self.alpha)) / (N + self.unsat_prior)
+        e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar)
+        e.complaint_weight = 1.0
+        e.rho_false = rf
+        grow = 1.0
+        if not self.rho_cfg > 0.0 and self.audits_total > 0 and N > 0.0:
+            w, grow = self._combine_audits(e, complaints, nexp, prem, var_rho)
+            # The report rate in use is the one the combined count implies for the complaints
+            # received; the per-model accuracies are recomputed with it.
+            x = complaints - rf * nexp
+            y = e.unsat - epend
+            if x > 0.0 and y > 0.0:
+                r = _min(1.0, _max(self.rho_min, rf + x / y))
+                rf2 = _min(self.rho_false, 0.5 * r)
+                self._model_estimates(e, r, rf2, Fb, live)
+                e.complaint_weight = w * (r - rf2) / (rho - rf)
+                rho, rf = r, rf2
+                e.rho = r
+                e.rho_false = rf2
+            else:
+                e.complaint_weight = w
+        cmax = max(e.cmean)
+        for k in range(K):
+            e.cnorm[k] = e.cmean[k] / cmax if cmax > 0 else 0.0
+        horizon = self.payback / rho
+        if grow != 1.0:
+            horizon *= grow
+        H = _max(self.payback_min, _min(N, horizon))
+        e.payback = H
+        # ... and the queue's walk around zero over the horizon H
+        uq = (e.unsat + self.unsat_prior * (1.0 - self.alpha)) / (N + self.unsat_prior)
+        e.var += H * uq * (1.0 - rho * uq) / (2.0 * rho)
+        e.margin = self.z * _sqrt(e.var) / N if N > 0 else 1.0
+        e.tau = _min(1.0, self.alpha + _max(e.margin, 0.0))
+        e.deficit = e.unsat - (1.0 - e.tau) * N
+        e.complaints = self.complaints_total
+        e.tau_eff = e.tau + e.deficit / H
+        # Optimistic frontier: which models could be worth mixing.
+        e.hull = frontier(e.cnorm, e.ucb)
+        return e
+
+    def _model_estimates(self, e: Estimates, rho: float, rf: float, Fb: List[List[float]],
+                         live: List[bool]) -> Tuple[float, float, float]:
+        """Per-model accuracy from complaint counts (exposure-weighted) and audits at report rate
+        rho (model_estimates); returns (epend, prem, nexp)."""
+        K = self.K
         e.acc, e.sd, e.lcb, e.ucb = [0.0] * K, [0.0] * K, [0.0] * K, [0.0] * K
         e.cmean, e.cnorm, e.exposure = [0.0] * K, [0.0] * K, [0.0] * K
         epend = 0.0
@@ -1009,28 +1101,40 @@ class ReferenceRouter:
                 epend += nc * u * (1.0 - F) / _max(1.0 - rho * u * F, 1e-9)
                 prem += nc * (1.0 - F)
             e.cmean[k] = (self.cost[k] + self.cost_sum[k]) / (1.0 + float(self.cost_n[k]))
-        cmax = max(e.cmean)
-        for k in range(K):
-            e.cnorm[k] = e.cmean[k] / cmax if cmax > 0 else 0.0
+        return epend, prem, nexp
 
-        # SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
-        complaints = float(self.complaints_total)
-        e.unsat = _min(N, _max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend)
-        ubar = (e.unsat + self.unsat_prior * (1.0 - self.alpha)) / (N + self.unsat_prior)
-        H = _max(self.payback_min, _min(N, self.payback / rho))
-        e.payback = H
-        # sampling, pending complaints, and the queue's walk around zero over the horizon H
-        e.var = (N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar)
-                 + H * ubar * (1.0 - rho * ubar) / (2.0 * rho))
-        e.margin = self.z * _sqrt(e.var) / N if N > 0 else 1.0
-        e.tau = _min(1.0, self.alpha + _max(e.margin, 0.0))
-        e.deficit = e.unsat - (1.0 - e.tau) * N
-        e.rho_false = rf
-        e.complaints = self.complaints_total
-        e.tau_eff = e.tau + e.deficit / H
-        # Optimistic frontier: which models could be worth mixing.
-        e.hull = frontier(e.cnorm, e.ucb)
-        return e
+    def _combine_audits(self, e: Estimates, complaints: float, nexp: float, prem: float,
+                        var_rho: float) -> Tuple[float, float]:
+        """Unknown report rate: the complaint-based count (with rho's error by the delta method)
+        and the audits' direct estimate, combined by inverse variance at a common unsatisfied
+        rate (combine_audits_locked). Sets e.unsat and e.var; returns (the complaint-based
+        count's weight, the factor that lengthens the payback horizon)."""
+        N = float(self.t)
+        rho, rf = e.rho, e.rho_false
+        p, u_prior = self.unsat_prior, 1.0 - self.alpha
+        sat = 0
+        for v in self.audits_sat:
+            sat += v
+        na = float(self.audits_total)
+        ua = (na - float(sat) + p * u_prior) / (na + p)
+        uc = e.unsat
+        ub = (uc + p * u_prior) / (N + p)
+        unsat, var, vk, w = uc, e.var, e.var, 1.0
+        for _ in range(2):
+            vk = N * ub * (1.0 - rho) / rho + prem * ub * (1.0 - ub)
+            vc = vk + (N * ub) * (N * ub) * var_rho / ((rho - rf) * (rho - rf))
+            va = N * _max(N - na, 0.0) * ub * (1.0 - ub) / (na + p)
+            if not vc + va > 0.0:
+                break
+            w = va / (vc + va)
+            unsat = w * uc + (1.0 - w) * N * ua
+            var = vc * va / (vc + va)
+            ub = (unsat + p * u_prior) / (N + p)
+        lower = _min(N, _max(0.0, (complaints - rf * nexp) / (1.0 - rf)))
+        e.unsat = _max(unsat, lower)
+        e.var = var
+        grow = 1.0 + _max(0.0, var - vk) / (N * ub * (1.0 - rho * ub) / rho)
+        return w, grow
 
     def _most_accurate(self, e: Estimates, cost_weight: float) -> int:
         """Largest optimistic accuracy, a unit of normalised cost worth cost_weight of it."""
@@ -1048,7 +1152,7 @@ class ReferenceRouter:
         routed since the refresh, 1/rho per complaint received since."""
         e = self.est
         N = float(self.t)
-        unsat = e.unsat + float(self.complaints_total - e.complaints) / (e.rho - e.rho_false)
+        unsat = e.unsat + float(self.complaints_total - e.complaints) / (e.rho - e.rho_false) * e.complaint_weight
         deficit = unsat - (1.0 - e.tau) * N
         tau_eff = e.tau + deficit / e.payback
         valve = deficit > self.valve * (e.margin * N + 1.0 / e.rho)

@@ -242,15 +242,32 @@ def test_unknown_report_rate_uses_audits():
     r = Router(MODELS, 0.8)  # report rate withheld
     assert r.stats()["report_rate"] == pytest.approx(0.05)
     rng = np.random.default_rng(0)
+    unsatisfied = 0
     for i in range(6000):
         d = r.route(f"p{i}")
         unsat = rng.random() < 0.3
+        unsatisfied += unsat
         if unsat and rng.random() < 0.5:
             r.complain(d.request_id)
         if rng.random() < 0.5:
             r.audit(d.request_id, not unsat)
     s = r.stats()
     n, c = s["audited_unsatisfied"], s["audited_unsatisfied_complained"]
-    assert n > 300
-    # A lower confidence bound: below the point estimate, but not by much with this many labels.
-    assert c / n - 0.1 < s["report_rate"] < c / n
+    assert n > 300 and abs(c / n - 0.5) < 0.06
+    # A point estimate, not a lower bound: near the true rate, as is the satisfaction estimate.
+    assert abs(s["report_rate"] - 0.5) < 0.05
+    assert abs(s["satisfaction"] - (1 - unsatisfied / 6000)) < 0.02
+
+
+def test_unknown_report_rate_is_min_report_rate_until_the_first_audit():
+    withheld, assumed = Router(MODELS, 0.8, min_report_rate=0.2), Router(MODELS, 0.8, report_rate=0.2)
+    rng = np.random.default_rng(1)
+    for i in range(300):
+        a, b = withheld.route(f"p{i % 17}"), assumed.route(f"p{i % 17}")
+        assert a == b
+        if rng.random() < 0.2:
+            withheld.complain(a.request_id)
+            assert assumed.complain(b.request_id)
+    assert withheld.stats()["report_rate"] == 0.2
+    withheld.audit(299, False)
+    assert withheld.stats()["report_rate"] != 0.2

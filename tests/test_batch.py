@@ -184,8 +184,10 @@ def test_batches_take_every_path():
     inside and between batches, and minibatch steps for rows closing within a batch."""
     seen: Dict[str, int] = {}
     for features, backend in [(5, "cpu"), (5, "numba"), (19, "cpu"), ("text", "cpu")]:
+        # The last world: a target above every model's reach with the valve held shut.
         for report_rate, tuning, sla in [(0.5, {"beta": 1.0, "tilt": 2.0, "lr": 0.5}, 0.7), (1.0, {"tilt": 0.0}, 0.8),
-                                         (None, {"beta": 1.0, "lr": 0.5, "refresh": 5}, 0.7)]:
+                                         (None, {"beta": 1.0, "lr": 0.5, "refresh": 5}, 0.7),
+                                         (None, {"valve": 50.0, "refresh": 5}, 0.9)]:
             kw = {"models": [("cheap", 1.0, None), ("mid", 3.0, 0.7), ("dear", 9.0, None), ("same", 9.0, 0.9)],
                   "sla": sla, "report_rate": report_rate, "confidence": 0.9, "features": features, "seed": 1,
                   "feedback_window": 32, "false_complaint_rate": 0.0, "min_report_rate": 0.05, "hash_bits": 7,
@@ -211,8 +213,8 @@ def test_batches_take_every_path():
 @pytest.mark.parametrize("features, backend", [(9, "cpu"), (9, "numba"), ("text", "cpu")])
 def test_many_closures_at_once(features, backend):
     """A batch that pushes 64 or more requests out of the window closes them with the predictor
-    steps run in parallel by model; each step keeps the report rate of its own closure, which
-    moves as audited requests close (the report rate is estimated from audits here)."""
+    steps run in parallel by model, all with the report rate in use; audited requests close among
+    them (the report rate is estimated from audits here)."""
     kw = {"models": [("a", 1.0, None), ("b", 2.0, 0.7), ("c", 4.0, None), ("d", 8.0, 0.9)], "sla": 0.7,
           "report_rate": None, "confidence": 0.9, "features": features, "seed": 4, "feedback_window": 96,
           "false_complaint_rate": 0.05, "min_report_rate": 0.05, "hash_bits": 9, "tuning": {"lr": 0.5}}

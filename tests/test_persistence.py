@@ -124,3 +124,49 @@ def test_consistent_checksum_but_bad_payload_is_refused():
     with pytest.raises(StateFileError, match="truncated|configuration"):
         Router.from_bytes(forged)
     del struct
+
+
+def test_estimated_report_rate_state_round_trips_and_is_checked():
+    """With the report rate estimated from audits, the pending audited-unsatisfied counts are
+    state: a loaded router continues identically, and counts that disagree with the window's
+    flags, or a negative complaint weight, are refused."""
+    import struct
+
+    from reference import STATE_LAYOUT
+
+    rng = np.random.default_rng(5)
+    a = Router(MODELS, 0.7, feedback_window=64, seed=3)
+    for i in range(400):
+        d = a.route(f"prompt {i % 23}")
+        unsatisfied = rng.random() < 0.4
+        if unsatisfied and rng.random() < 0.5:
+            a.complain(d.request_id)
+        if rng.random() < 0.3:
+            a.audit(d.request_id, not unsatisfied)
+    assert a.stats()["audited_unsatisfied"] > 0
+    b = Router.from_bytes(a.to_bytes())
+    assert drive(a, 200, start=400) == drive(b, 200, start=400)
+    assert a.stats() == b.stats()
+
+    blob = a._core.save_state()
+
+    def offset(field):
+        pos = 0
+        for name, kind in STATE_LAYOUT:
+            if name == field:
+                return pos
+            if isinstance(kind, str):
+                pos += struct.calcsize(kind)
+            else:
+                (n,) = struct.unpack_from("<Q", blob, pos)
+                pos += 8 + n * np.dtype(kind).itemsize
+        raise KeyError(field)
+
+    for field, fmt, value, message in [("auc", "<q", 10**6, "pending audit counts"),
+                                       ("est.complaint_weight", "<d", -1.0, "complaint weight")]:
+        bad = bytearray(blob)
+        struct.pack_into(fmt, bad, offset(field), value)
+        before = a._core.save_state()
+        with pytest.raises(ValueError, match="state is corrupt: .*" + message):
+            a._core.load_state(bytes(bad))
+        assert a._core.save_state() == before

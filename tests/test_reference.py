@@ -275,7 +275,9 @@ def test_every_decision_branch_is_compared(features):
     """
     tilted = {"beta": 1.0, "tilt": 2.0, "lr": 0.5}
     seen: Dict[str, int] = {}
-    for report_rate, tuning, sla in [(0.5, tilted, 0.7), (1.0, {"tilt": 0.0}, 0.8), (None, tilted, 0.7)]:
+    # The last world: a target above every model's reach with the valve held shut.
+    worlds = [(0.5, tilted, 0.7), (1.0, {"tilt": 0.0}, 0.8), (None, tilted, 0.7), (None, {"valve": 50.0}, 0.9)]
+    for report_rate, tuning, sla in worlds:
         kw = {
             "models": [("cheap", 1.0, None), ("mid", 3.0, 0.7), ("dear", 9.0, None), ("same", 9.0, 0.9)],
             "sla": sla, "report_rate": report_rate, "confidence": 0.9, "features": features, "seed": 1,

@@ -33,7 +33,7 @@ struct Config {
     std::vector<double> prior;  // prior accuracy per model in (0, 1), NaN when unknown
     double alpha = 0.8;         // SLA target
     double rho = 0.0;           // report rate; 0 means "unknown, estimate from audits"
-    double rho_min = 0.05;      // lower bound on the report rate while it is estimated
+    double rho_min = 0.05;      // unknown report rate: assumed before any audit, floor of its estimate
     double rho_false = 0.0;     // probability that a satisfied user complains anyway
     double z = 1.6448536269514722;  // normal quantile of the configured confidence
     int dim = 0;                // dense feature dimension; 0 selects hashed text
@@ -91,6 +91,7 @@ struct Estimates {
     double unsat = 0.0, var = 0.0, margin = 0.0, tau = 0.0, deficit = 0.0, tau_eff = 0.0;
     double payback = 1.0;         // deficit payback horizon H
     double rho_false = 0.0;       // false-complaint rate in use
+    double complaint_weight = 1.0;  // scales 1 / (rho - rho_false) per complaint (1 when rho is known)
     std::int64_t n = 0;           // requests routed when computed
     std::int64_t complaints = 0;  // complaints received when computed
 };
@@ -209,6 +210,7 @@ public:
         nb_ring_ = cfg_.bins + 1;
         pend_.assign(static_cast<std::size_t>(K) * nb_ring_, 0);
         pendnc_.assign(static_cast<std::size_t>(K) * nb_ring_, 0);
+        aunc_.assign(static_cast<std::size_t>(nb_ring_), 0);
         delay_hist_.assign(cfg_.bins, 0);
         weights_.assign(static_cast<std::size_t>(cfg_.n_weights()), 0.0f);
         adagrad_.assign(static_cast<std::size_t>(cfg_.n_weights()), 0.0f);
@@ -287,6 +289,10 @@ public:
         const std::int64_t delay = t_ - 1 - id;
         delay_hist_[static_cast<std::size_t>(delay / cfg_.bin_width())] += 1;
         pendnc_[k * nb_ring_ + bucket_of(id)] -= 1;
+        if ((slot_flags_[s] & kAudited) && (slot_flags_[s] & kAuditUnsat)) {
+            aunc_[bucket_of(id)] -= 1;
+            auc_ += 1;
+        }
         learn_locked(k, s, kObsComplaint, 1.0);
         return kApplied;
     }
@@ -302,7 +308,11 @@ public:
         const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
         if (slot_flags_[s] & kAudited) return kDuplicate;
         slot_flags_[s] |= kAudited;
-        if (!satisfied) slot_flags_[s] |= kAuditUnsat;
+        if (!satisfied) {
+            slot_flags_[s] |= kAuditUnsat;
+            if (slot_flags_[s] & kComplained) auc_ += 1;
+            else aunc_[bucket_of(id)] += 1;
+        }
         const int k = slot_model_[s];
         audits_[k] += 1;
         if (satisfied) audits_sat_[k] += 1;
@@ -371,15 +381,17 @@ public:
         put(&explored_, sizeof explored_);
         put(&rho_n_, sizeof rho_n_);
         put(&rho_c_, sizeof rho_c_);
+        put(&auc_, sizeof auc_);
         put_vec(served_); put_vec(closed_); put_vec(complaints_); put_vec(audits_); put_vec(audits_sat_);
         put_vec(cost_n_); put_vec(cost_sum_); put_vec(slot_model_); put_vec(slot_flags_); put_vec(slot_nnz_);
-        put_vec(slot_idx_); put_vec(slot_val_); put_vec(pend_); put_vec(pendnc_); put_vec(delay_hist_);
+        put_vec(slot_idx_); put_vec(slot_val_); put_vec(pend_); put_vec(pendnc_); put_vec(aunc_); put_vec(delay_hist_);
         put_vec(weights_); put_vec(adagrad_); put_vec(acc_cache_);
         // The estimates in use between refreshes are state too.
         put(&next_refresh_, sizeof next_refresh_);
         put(&closed_upto_, sizeof closed_upto_);
         const Estimates& e = est_;
-        for (double v : {e.rho, e.unsat, e.var, e.margin, e.tau, e.deficit, e.tau_eff, e.payback, e.rho_false})
+        for (double v : {e.rho, e.unsat, e.var, e.margin, e.tau, e.deficit, e.tau_eff, e.payback, e.rho_false,
+                         e.complaint_weight})
             put(&v, sizeof v);
         put(&e.n, sizeof e.n);
         put(&e.complaints, sizeof e.complaints);
@@ -411,15 +423,17 @@ public:
         get(&tmp.explored_, sizeof tmp.explored_);
         get(&tmp.rho_n_, sizeof tmp.rho_n_);
         get(&tmp.rho_c_, sizeof tmp.rho_c_);
+        get(&tmp.auc_, sizeof tmp.auc_);
         get_vec(tmp.served_); get_vec(tmp.closed_); get_vec(tmp.complaints_); get_vec(tmp.audits_);
         get_vec(tmp.audits_sat_); get_vec(tmp.cost_n_); get_vec(tmp.cost_sum_); get_vec(tmp.slot_model_);
         get_vec(tmp.slot_flags_); get_vec(tmp.slot_nnz_); get_vec(tmp.slot_idx_); get_vec(tmp.slot_val_);
-        get_vec(tmp.pend_); get_vec(tmp.pendnc_); get_vec(tmp.delay_hist_); get_vec(tmp.weights_);
+        get_vec(tmp.pend_); get_vec(tmp.pendnc_); get_vec(tmp.aunc_); get_vec(tmp.delay_hist_); get_vec(tmp.weights_);
         get_vec(tmp.adagrad_); get_vec(tmp.acc_cache_);
         get(&tmp.next_refresh_, sizeof tmp.next_refresh_);
         get(&tmp.closed_upto_, sizeof tmp.closed_upto_);
         Estimates& e = tmp.est_;
-        for (double* v : {&e.rho, &e.unsat, &e.var, &e.margin, &e.tau, &e.deficit, &e.tau_eff, &e.payback, &e.rho_false})
+        for (double* v : {&e.rho, &e.unsat, &e.var, &e.margin, &e.tau, &e.deficit, &e.tau_eff, &e.payback, &e.rho_false,
+                          &e.complaint_weight})
             get(v, sizeof *v);
         get(&e.n, sizeof e.n);
         get(&e.complaints, sizeof e.complaints);
@@ -486,12 +500,29 @@ private:
         for (std::size_t i = 0; i < pend_.size(); ++i)
             if (pend_[i] < 0 || pendnc_[i] < 0 || pendnc_[i] > pend_[i])
                 throw std::invalid_argument("state is corrupt: negative pending counts");
+        if (rho_n_ < 0 || rho_c_ < 0 || rho_c_ > rho_n_)
+            throw std::invalid_argument("state is corrupt: inconsistent audited-unsatisfied counts");
+        // The pending audited-unsatisfied counts must be those of the ring buffer's flags.
+        std::vector<std::int64_t> aunc(static_cast<std::size_t>(nb_ring_), 0);
+        std::int64_t auc = 0;
+        for (std::int64_t id = closed_upto_; id < t_; ++id) {
+            const std::uint8_t fl = slot_flags_[static_cast<std::size_t>(id % cfg_.window)];
+            if ((fl & kAudited) && (fl & kAuditUnsat)) {
+                if (fl & kComplained) auc += 1;
+                else aunc[bucket_of(id)] += 1;
+            }
+        }
+        if (aunc != aunc_ || auc != auc_)
+            throw std::invalid_argument("state is corrupt: pending audit counts do not match the window");
+        if (!(est_.complaint_weight >= 0.0 && std::isfinite(est_.complaint_weight)))
+            throw std::invalid_argument("state is corrupt: invalid complaint weight");
     }
 
     void swap_state(Router& o) {
         std::swap(t_, o.t_); std::swap(rng_, o.rng_); std::swap(complaints_total_, o.complaints_total_);
         std::swap(late_complaints_, o.late_complaints_); std::swap(audits_total_, o.audits_total_);
         std::swap(explored_, o.explored_); std::swap(rho_n_, o.rho_n_); std::swap(rho_c_, o.rho_c_);
+        std::swap(auc_, o.auc_); aunc_.swap(o.aunc_);
         served_.swap(o.served_); closed_.swap(o.closed_); complaints_.swap(o.complaints_); audits_.swap(o.audits_);
         audits_sat_.swap(o.audits_sat_); cost_n_.swap(o.cost_n_); cost_sum_.swap(o.cost_sum_);
         slot_model_.swap(o.slot_model_); slot_flags_.swap(o.slot_flags_); slot_nnz_.swap(o.slot_nnz_);
@@ -632,7 +663,12 @@ private:
         closed_[k] += 1;
         if ((fl & kAudited) && (fl & kAuditUnsat)) {
             rho_n_ += 1;
-            if (fl & kComplained) rho_c_ += 1;
+            if (fl & kComplained) {
+                auc_ -= 1;
+                rho_c_ += 1;
+            } else {
+                aunc_[b] -= 1;
+            }
         }
     }
 
@@ -852,20 +888,52 @@ public:
     }
 
 private:
-    // Report rate in use: configured, or a lower confidence bound from audits.
+    // Report rate in use: configured, or the estimate of the last refresh (rho_estimate).
     double rho_current() const {
         if (cfg_.rho > 0.0) return cfg_.rho;
+        return t_ > 0 ? est_.rho : cfg_.rho_min;
+    }
+
+    // Unknown report rate (docs/algorithm.md, "Unknown report rate"): the report rate among the
+    // audited-unsatisfied requests, as the mode of its posterior (prior_weight / 2 pseudo
+    // requests that complained and as many that did not, as the accuracy prior), and its
+    // variance (the inverse curvature of the log posterior there). A request that complained,
+    // or closed without complaining, is a full observation; one still pending without a
+    // complaint is censored: by its age it would have complained with probability rho F (F the
+    // delay model's point estimate for its bucket), so its likelihood is 1 - rho F, and the
+    // estimate does not wait for windows to close. The root is found by bisection (the log
+    // posterior is concave). Never below rho_min; before any audit it is rho_min, without variance.
+    void rho_estimate(const std::vector<double>& F, const std::vector<char>& live, double* rho, double* var) const {
+        *rho = cfg_.rho_min;
+        *var = 0.0;
+        if (audits_total_ == 0 || !(cfg_.rho_min < 1.0)) return;
+        const double m = cfg_.prior_weight;
+        const double a = static_cast<double>(rho_c_ + auc_) + 0.5 * m;
+        const double b = static_cast<double>(rho_n_ - rho_c_) + 0.5 * m;
+        // d log posterior / d rho, decreasing in rho: the mode is its root.
+        auto slope = [&](double r) {
+            double g = a / r - b / (1.0 - r);
+            for (int k = 0; k < nb_ring_; ++k)
+                if (live[k] && aunc_[k] > 0) g -= static_cast<double>(aunc_[k]) * F[k] / (1.0 - r * F[k]);
+            return g;
+        };
         double r = cfg_.rho_min;
-        if (rho_n_ > 0) {
-            const double n = static_cast<double>(rho_n_);
-            const double ph = static_cast<double>(rho_c_) / n;
-            const double z = cfg_.z;
-            const double z2 = z * z;
-            const double centre = (ph + z2 / (2 * n)) / (1 + z2 / n);
-            const double half = z * std::sqrt(ph * (1 - ph) / n + z2 / (4 * n * n)) / (1 + z2 / n);
-            r = std::max(r, centre - half);
+        if (slope(r) > 0.0) {
+            double lo = r, hi = 1.0;
+            for (int it = 0; it < 60; ++it) {
+                const double mid = 0.5 * (lo + hi);
+                if (slope(mid) > 0.0) lo = mid; else hi = mid;
+            }
+            r = 0.5 * (lo + hi);
         }
-        return std::min(r, 1.0);
+        double info = a / (r * r) + b / ((1.0 - r) * (1.0 - r));
+        for (int k = 0; k < nb_ring_; ++k)
+            if (live[k] && aunc_[k] > 0) {
+                const double d = 1.0 - r * F[k];
+                info += static_cast<double>(aunc_[k]) * F[k] * F[k] / (d * d);
+            }
+        *rho = r;
+        *var = 1.0 / info;
     }
 
     // Complaint rate per request in each delay bin, from the observed delay histogram and the
@@ -920,9 +988,6 @@ private:
         const int K = cfg_.n_models;
         const double N = static_cast<double>(t_);
         e.n = t_;
-        const double rho = rho_current();
-        const double rf = std::min(cfg_.rho_false, 0.5 * rho);
-        e.rho = rho;
         // Delay distribution (point estimate and the two bounds) at the age of each live bucket.
         // The three differ only in bins no request has reached yet; once every bin has been
         // reached they coincide, and are computed once.
@@ -960,11 +1025,74 @@ private:
                 for (int k = 0; k < K; ++k) n[k] += static_cast<double>(pend_[k * nb_ring_ + r]) * F;
             }
         }
+        double rho = cfg_.rho, var_rho = 0.0;
+        if (!(rho > 0.0)) rho_estimate(sc.Fb[kTailDecay], sc.live, &rho, &var_rho);
+        double rf = std::min(cfg_.rho_false, 0.5 * rho);
+        e.rho = rho;
+        double epend = 0.0, prem = 0.0, nexp = 0.0;
+        model_estimates(e, rho, rf, reached, &epend, &prem, &nexp);
+        // SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
+        const double complaints = static_cast<double>(complaints_total_);
+        e.unsat = std::min(N, std::max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend);
+        const double ubar = (e.unsat + cfg_.unsat_prior * (1.0 - cfg_.alpha)) / (N + cfg_.unsat_prior);
+        e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar);
+        e.complaint_weight = 1.0;
+        e.rho_false = rf;
+        double grow = 1.0;
+        if (!(cfg_.rho > 0.0) && audits_total_ > 0 && N > 0.0) {
+            const double w = combine_audits_locked(e, complaints, nexp, prem, var_rho, &grow);
+            // The report rate in use is the one the combined count implies for the complaints
+            // received; the per-model accuracies are recomputed with it, so that every audit,
+            // not only those of the model, informs them.
+            const double x = complaints - rf * nexp, y = e.unsat - epend;
+            if (x > 0.0 && y > 0.0) {
+                const double r = std::min(1.0, std::max(cfg_.rho_min, rf + x / y));
+                const double rf2 = std::min(cfg_.rho_false, 0.5 * r);
+                double ep2 = 0.0, pr2 = 0.0, nx2 = 0.0;
+                model_estimates(e, r, rf2, reached, &ep2, &pr2, &nx2);
+                // A complaint still adds w / (rho_audits - rf) unsatisfied requests (dual_locked).
+                e.complaint_weight = w * (r - rf2) / (rho - rf);
+                rho = r;
+                rf = rf2;
+                e.rho = r;
+                e.rho_false = rf2;
+            } else {
+                e.complaint_weight = w;
+            }
+        }
+        const double cmax = *std::max_element(e.cmean.begin(), e.cmean.end());
+        for (int k = 0; k < K; ++k) e.cnorm[k] = cmax > 0 ? e.cmean[k] / cmax : 0.0;
+        double horizon = cfg_.payback / rho;
+        if (grow != 1.0) horizon *= grow;
+        const double H = std::max(cfg_.payback_min, std::min(N, horizon));
+        e.payback = H;
+        // The margin covers what the count of unsatisfied requests does not know (above: how
+        // many of them did not complain, how many pending ones will, and with the report rate
+        // estimated, its error) and how far the queue, which is steered back to zero over H
+        // requests, strays from zero meanwhile: an AR(1) walk whose steps have the variance of
+        // 1/rho per unsatisfied request.
+        const double uq = (e.unsat + cfg_.unsat_prior * (1.0 - cfg_.alpha)) / (N + cfg_.unsat_prior);
+        e.var += H * uq * (1.0 - rho * uq) / (2.0 * rho);
+        e.margin = N > 0 ? cfg_.z * std::sqrt(e.var) / N : 1.0;
+        e.tau = std::min(1.0, cfg_.alpha + std::max(e.margin, 0.0));
+        e.deficit = e.unsat - (1.0 - e.tau) * N;
+        e.complaints = complaints_total_;
+        e.tau_eff = e.tau + e.deficit / H;
+        // Optimistic frontier: which models could be worth mixing.
+        e.hull = frontier(e.cnorm, e.ucb);
+    }
+
+    // Per-model accuracy from complaint counts (exposure-weighted, scratch_.n3) and audits at
+    // report rate rho; also the expected complaints still to come from pending requests (epend),
+    // the pending requests' remaining share (prem) and the total exposure (nexp).
+    void model_estimates(Estimates& e, double rho, double rf, bool reached, double* epend_out, double* prem_out,
+                         double* nexp_out) const {
+        const int K = cfg_.n_models;
+        const RefreshScratch& sc = scratch_;
         const std::vector<double>& Fdecay = sc.Fb[kTailDecay];
         const std::vector<double>& n_decay = sc.n3[kTailDecay];
         const std::vector<double>& n_flat = sc.n3[reached ? kTailDecay : kTailFlat];
         const std::vector<double>& n_none = sc.n3[reached ? kTailDecay : kTailNone];
-        // Per-model accuracy from complaint counts (exposure-weighted) and audits.
         e.acc.assign(K, 0.0); e.sd.assign(K, 0.0); e.lcb.assign(K, 0.0); e.ucb.assign(K, 0.0);
         e.cmean.assign(K, 0.0); e.cnorm.assign(K, 0.0); e.exposure.assign(K, 0.0);
         double epend = 0.0, prem = 0.0, nexp = 0.0;
@@ -1014,28 +1142,51 @@ private:
             }
             e.cmean[k] = (cfg_.cost[k] + cost_sum_[k]) / (1.0 + static_cast<double>(cost_n_[k]));
         }
-        const double cmax = *std::max_element(e.cmean.begin(), e.cmean.end());
-        for (int k = 0; k < K; ++k) e.cnorm[k] = cmax > 0 ? e.cmean[k] / cmax : 0.0;
-        // SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
-        const double complaints = static_cast<double>(complaints_total_);
-        e.unsat = std::min(N, std::max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend);
-        const double ubar = (e.unsat + cfg_.unsat_prior * (1.0 - cfg_.alpha)) / (N + cfg_.unsat_prior);
-        const double H = std::max(cfg_.payback_min, std::min(N, cfg_.payback / rho));
-        e.payback = H;
-        // The margin covers what the count of unsatisfied requests does not know: how many of
-        // them did not complain (sampling), how many pending ones will, and how far the queue,
-        // which is steered back to zero over H requests, strays from zero meanwhile (an AR(1)
-        // walk whose steps have the variance of 1/rho per unsatisfied request).
-        e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar) +
-                H * ubar * (1.0 - rho * ubar) / (2.0 * rho);
-        e.margin = N > 0 ? cfg_.z * std::sqrt(e.var) / N : 1.0;
-        e.tau = std::min(1.0, cfg_.alpha + std::max(e.margin, 0.0));
-        e.deficit = e.unsat - (1.0 - e.tau) * N;
-        e.rho_false = rf;
-        e.complaints = complaints_total_;
-        e.tau_eff = e.tau + e.deficit / H;
-        // Optimistic frontier: which models could be worth mixing.
-        e.hull = frontier(e.cnorm, e.ucb);
+        *epend_out = epend;
+        *prem_out = prem;
+        *nexp_out = nexp;
+    }
+
+    // Unknown report rate (docs/algorithm.md, "Unknown report rate"): the complaint-based count of
+    // unsatisfied requests (e.unsat, at the audited report rate) is combined by inverse variance
+    // with the audits' direct estimate, N times the audited unsatisfied rate (unsat_prior
+    // pseudo-audits at 1 - alpha).
+    //  - The complaint-based count's variance (e.var's formula) gains the estimated rho's error
+    //    by the delta method (unsat ~ 1 / rho): (N u)^2 var(rho) / (rho - rho_false)^2.
+    //  - The audits are a sample of the realised outcomes: N (N - audits) u (1 - u) / audits.
+    // Both variances are taken at the same unsatisfied rate u (two passes from the
+    // complaint-based rate to the combined one), so that neither estimate gains weight by
+    // coming out low. The count is at least what the complaints imply at rho = 1.
+    // Returns the complaint-based count's weight; *grow is the factor that lengthens the payback
+    // horizon: the combined variance in excess of the variance with rho known, per request, over
+    // the variance per request of the complaint process with rho known, u (1 - rho u) / rho.
+    double combine_audits_locked(Estimates& e, double complaints, double nexp, double prem, double var_rho,
+                                 double* grow) const {
+        const double N = static_cast<double>(t_);
+        const double rho = e.rho, rf = e.rho_false;
+        const double p = cfg_.unsat_prior, u_prior = 1.0 - cfg_.alpha;
+        std::int64_t sat = 0;
+        for (std::int64_t v : audits_sat_) sat += v;
+        const double na = static_cast<double>(audits_total_);
+        const double ua = (na - static_cast<double>(sat) + p * u_prior) / (na + p);
+        const double uc = e.unsat;
+        double ub = (uc + p * u_prior) / (N + p);
+        double unsat = uc, var = e.var, vk = e.var, w = 1.0;
+        for (int pass = 0; pass < 2; ++pass) {
+            vk = N * ub * (1.0 - rho) / rho + prem * ub * (1.0 - ub);
+            const double vc = vk + (N * ub) * (N * ub) * var_rho / ((rho - rf) * (rho - rf));
+            const double va = N * std::max(N - na, 0.0) * ub * (1.0 - ub) / (na + p);
+            if (!(vc + va > 0.0)) break;
+            w = va / (vc + va);
+            unsat = w * uc + (1.0 - w) * N * ua;
+            var = vc * va / (vc + va);
+            ub = (unsat + p * u_prior) / (N + p);
+        }
+        const double lower = std::min(N, std::max(0.0, (complaints - rf * nexp) / (1.0 - rf)));
+        e.unsat = std::max(unsat, lower);
+        e.var = var;
+        *grow = 1.0 + std::max(0.0, var - vk) / (N * ub * (1.0 - rho * ub) / rho);
+        return w;
     }
 
     // Upper concave frontier of accuracy against cost, cheapest first: each model on it is
@@ -1090,7 +1241,7 @@ private:
         Dual d;
         d.n = t_;
         const double N = static_cast<double>(t_);
-        const double unsat = e.unsat + static_cast<double>(complaints_total_ - e.complaints) / (e.rho - e.rho_false);
+        const double unsat = e.unsat + static_cast<double>(complaints_total_ - e.complaints) / (e.rho - e.rho_false) * e.complaint_weight;
         d.deficit = unsat - (1.0 - e.tau) * N;
         d.tau_eff = e.tau + d.deficit / e.payback;
         d.valve = d.deficit > cfg_.valve * (e.margin * N + 1.0 / e.rho);
@@ -1195,7 +1346,9 @@ private:
     std::int64_t t_ = 0;
     std::uint64_t rng_ = 0;
     std::int64_t complaints_total_ = 0, late_complaints_ = 0, audits_total_ = 0, explored_ = 0;
-    std::int64_t rho_n_ = 0, rho_c_ = 0;
+    std::int64_t rho_n_ = 0, rho_c_ = 0;  // closed audited-unsatisfied requests, and those that complained
+    std::int64_t auc_ = 0;               // pending audited-unsatisfied requests that complained ...
+    std::vector<std::int64_t> aunc_;     // ... and those that have not (yet), per age bucket
     std::int64_t next_refresh_ = 0;
     std::int64_t closed_upto_ = 0;  // every id below this one is closed
     std::vector<std::int64_t> served_, closed_, complaints_, audits_, audits_sat_, cost_n_;

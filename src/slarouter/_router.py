@@ -20,7 +20,7 @@ from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
 __all__ = ["Model", "Decision", "Router"]
 
 _MAGIC = b"SLAROUTR"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _HEADER = struct.Struct("<8sII")  # magic, format version, config length
 _TRAILER = struct.Struct("<QI")  # payload length, crc32 of everything before it
 
@@ -146,7 +146,9 @@ class Router:
         The SLA target ``alpha`` in (0, 1): at least this fraction of requests must satisfy.
     report_rate:
         Probability ``rho`` in (0, 1] that an unsatisfied user complains. ``None``: unknown, the
-        router estimates it from :meth:`audit` labels (until then it assumes ``min_report_rate``).
+        router estimates it from :meth:`audit` labels, and counts the audits' direct estimate of
+        satisfaction and the estimate's uncertainty in the SLA (docs/algorithm.md, "Unknown
+        report rate"). Until the first audit it assumes ``min_report_rate``.
     confidence:
         How sure the router must be that the SLA holds, in (0, 1). 0.5 aims at ``sla`` on average.
     features:
@@ -159,7 +161,8 @@ class Router:
     false_complaint_rate:
         Probability that a satisfied user complains anyway.
     min_report_rate:
-        Lower bound on the report rate while it is being estimated from audits.
+        With ``report_rate=None``: the report rate assumed until the first audit, and a floor
+        under its estimate after.
     hash_bits:
         Hashed text features use ``2**hash_bits`` buckets.
     tuning:
