@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+# Numba's OpenMP threads otherwise spin for a while after each of its parallel loops, on the
+# cores the next timed block (slarouter's threads, NumPy's) needs; set before numba loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import sys
 import time
@@ -104,10 +108,11 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
         t = {"numpy": [], "cpu": [], "numba": []}
         regimes = {"cpu": [], "numba": []}
         ns = time.perf_counter_ns
-        rounds = 4
+        rounds = 8
         for _ in range(rounds):
             for b, f in feeds.items():
                 r = f.router
+                r.route_batch(X, out=outs[b], backend=b)  # untimed: the block starts warm
                 per = np.empty(calls // rounds or 1, dtype=np.int64)
                 for c in range(per.size):
                     if c == 0:
@@ -118,6 +123,7 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
                     keep = min(B, 1024)  # rows still pending: their users may complain
                     f.feedback(ids[-keep:], models[-keep:])
                 t[b].append(per)
+            cm.numpy_batch(W, X)  # untimed: the block starts warm
             per = np.empty(calls // rounds or 1, dtype=np.int64)
             for c in range(per.size):
                 t0 = ns()

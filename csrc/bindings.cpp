@@ -1,5 +1,6 @@
 // Python bindings of the slarouter core.  Validation and defaults live in Python
 // (src/slarouter); this file only converts arrays and releases the GIL.
+#include <atomic>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -212,6 +213,17 @@ public:
         } else {
             xa = py::reinterpret_borrow<FloatArray>(X);
             B = xa.shape(0);
+            // Checked here, in parallel and without a temporary, before anything changes.
+            const float* x = xa.data();
+            const std::int64_t d = cfg.dim;
+            std::atomic<bool> finite{true};
+            {
+                py::gil_scoped_release nogil;
+                parallel_for(B, B * d >= kParallelWork ? threads : 1, [&](std::int64_t lo, std::int64_t hi) {
+                    if (!kernels::all_finite(x + lo * d, (hi - lo) * d)) finite.store(false);
+                }, 256);
+            }
+            if (!finite.load()) throw py::value_error("X contains NaN or infinite values");
         }
         DoubleArray ca;
         const double* c = nullptr;
@@ -275,9 +287,10 @@ public:
                     expl[static_cast<std::size_t>(r)] = e ? 1 : 0;
                     idp[r] = st.first_id + r;
                     if (r < n_inner) sums.add(r, k, silent_gradient(k, f, st.rho, score), f.dense);
+                    else if (r >= B - cfg.window) store_row_features_locked(st.first_id + r, f);  // while in cache
                 }
             }, 1);
-            batch_commit_locked(B, mp, expl.data(), row, nullptr, threads, n_inner ? &sums : nullptr);
+            batch_commit_locked(B, mp, expl.data(), row, nullptr, threads, n_inner ? &sums : nullptr, /*stored=*/true);
         }
         return py::make_tuple(ids, models);
     }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SLAROUTER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -51,6 +52,18 @@ SLAROUTER_CLONES inline double spread2(const float* G, const float* v, int n, do
         lane[l] += x * x / (l0 + static_cast<double>(G[j]));
     }
     return fold(lane);
+}
+
+// Whether every x_j is finite: x * 0 is 0 for a finite x and NaN otherwise, and NaN survives
+// the sums (no branches, so it vectorises).
+SLAROUTER_CLONES inline bool all_finite(const float* x, std::int64_t n) {
+    float lane[kLanes] = {};
+    std::int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) lane[l] += x[j + l] * 0.0f;
+    for (int l = 0; j < n; ++j, ++l) lane[l] += x[j] * 0.0f;
+    const float s = fold(lane);
+    return s == s;
 }
 
 // g_j += a * x_j, in single precision

@@ -831,6 +831,12 @@ public:
         return b;
     }
 
+    // Stores the features of batch row `id` (one that stays pending) in its slot; the request
+    // that held the slot was closed by batch_begin. Rows may be stored from several threads.
+    void store_row_features_locked(std::int64_t id, const FeatureView& f) {
+        store_features(static_cast<std::size_t>(id % cfg_.window), f);
+    }
+
     // Draw i (1-based) after generator state `state`, without advancing it.
     static double draw(std::uint64_t state, std::uint64_t i) {
         std::uint64_t s = state + (i - 1) * 0x9E3779B97F4A7C15ULL;
@@ -840,10 +846,11 @@ public:
     // Records the rows' decisions. The first B - window rows close within the batch: one
     // minibatch step per model (silent_step_locked) on their features, or, for dense routers,
     // on `grad_in` (models x dim) when the caller summed their gradients, or on `sums` when the
-    // caller computed them by chunks while deciding.
+    // caller computed them by chunks while deciding. `stored`: the caller already stored the
+    // features of the rows that stay pending (store_row_features, while deciding).
     void batch_commit_locked(std::int64_t B, const std::int32_t* models, const std::uint8_t* explored,
                              const std::function<FeatureView(std::int64_t)>& features, const double* grad_in,
-                             int threads = 0, const SilentSums* sums = nullptr) {
+                             int threads = 0, const SilentSums* sums = nullptr, bool stored = false) {
         const std::int64_t t0 = t_;
         const std::int64_t W = cfg_.window;
         const int K = cfg_.n_models;
@@ -875,7 +882,7 @@ public:
             const std::size_t sl = static_cast<std::size_t>(id % W);
             slot_model_[sl] = k;
             slot_flags_[sl] = explored[r] ? kExplored : 0;
-            store_features(sl, features(r));
+            if (!stored) store_features(sl, features(r));
             const std::size_t b = bucket_of(id);
             pend_[k * nb_ring_ + b] += 1;
             pendnc_[k * nb_ring_ + b] += 1;

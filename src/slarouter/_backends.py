@@ -120,9 +120,7 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str) -> Tuple
     if B == 0:
         return _empty(o)
     if which == "cpu":
-        if not np.isfinite(Xa).all():
-            raise ValueError("X contains NaN or infinite values")
-        return core.route_batch(Xa, c, o)
+        return core.route_batch(Xa, c, o)  # checks that X is finite, without a temporary
     return _route_batch_numba(router, Xa, c, o)
 
 
