@@ -699,7 +699,7 @@ private:
             if (silent && cfg_.lr > 0.0) {
                 const FeatureView f = slot_view(s);
                 if (cfg_.hashed()) {
-                    silent_step_locked(1, [&](std::int64_t) { return std::make_pair(k, f); }, rho, threads, nullptr);
+                    hashed_step_one(k, f, silent_gradient(k, f, rho));
                 } else {  // the dense minibatch of one row, without its buffers
                     const std::size_t base = static_cast<std::size_t>(k) * cfg_.dim;
                     kernels::adagrad_row(weights_.data() + base, adagrad_.data() + base,
@@ -721,6 +721,35 @@ private:
             silent_step_locked(static_cast<std::int64_t>(rows.size()),
                                [&](std::int64_t r) { return std::make_pair(rows[r].k, slot_view(rows[r].s)); }, rho,
                                threads, nullptr);
+    }
+
+    // The hashed minibatch of one row without sorting: g * value summed per bucket in feature
+    // order (a bucket can appear twice), then one step per bucket, as silent_step_locked does.
+    // The sums live in a small open-addressing table sized to the row.
+    void hashed_step_one(int k, const FeatureView& f, double g) {
+        OneRowScratch& sc = one_row_;
+        int bits = 4;
+        while ((1 << bits) < 2 * f.nnz) ++bits;
+        const std::size_t size = std::size_t{1} << bits, mask = size - 1;
+        sc.key.assign(size, -1);
+        sc.sum.resize(size);
+        sc.touched.clear();
+        for (int j = 0; j < f.nnz; ++j) {
+            const std::int32_t b = f.idx[j];
+            std::size_t h = (static_cast<std::uint32_t>(b) * 0x9E3779B1u) >> (32 - bits);
+            while (sc.key[h] != -1 && sc.key[h] != b) h = (h + 1) & mask;
+            if (sc.key[h] == -1) {
+                sc.key[h] = b;
+                sc.sum[h] = 0.0;
+                sc.touched.push_back(static_cast<std::int32_t>(h));
+            }
+            sc.sum[h] += g * f.val[j];
+        }
+        const int K = cfg_.n_models;
+        for (std::int32_t h : sc.touched) {
+            const std::size_t ix = static_cast<std::size_t>(sc.key[h]) * K + k;
+            adagrad_step(weights_[ix], adagrad_[ix], sc.sum[h]);
+        }
     }
 
     struct SilentRow {
@@ -1376,6 +1405,13 @@ private:
         std::vector<char> live;
     };
     mutable RefreshScratch scratch_;
+    // Buffers of hashed_step_one, kept between calls, not serialised.
+    struct OneRowScratch {
+        std::vector<std::int32_t> key;  // open-addressing table: bucket, or -1
+        std::vector<double> sum;        // the bucket's summed gradient
+        std::vector<std::int32_t> touched;  // table positions in first-use order
+    };
+    OneRowScratch one_row_;
 };
 
 }  // namespace slarouter
