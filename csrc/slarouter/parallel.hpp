@@ -3,7 +3,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -11,9 +10,6 @@
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
-#include <immintrin.h>
-#endif
 #ifdef _WIN32
 #include <process.h>
 #define SLAROUTER_GETPID _getpid
@@ -28,29 +24,13 @@ namespace slarouter {
 // costs about as much as this many operations.
 constexpr std::int64_t kParallelWork = std::int64_t{1} << 16;
 
-// One spin-wait step: a pause hint to the CPU.
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
-    _mm_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#else
-    std::this_thread::yield();
-#endif
-}
-
 // Worker threads started on first use and then kept waiting, so that a batch does not pay for
-// starting threads (tens of microseconds each). A worker that has just finished spins briefly
-// (about kSpin pause steps, well under a millisecond) before it sleeps, because waking a
-// sleeping thread costs as much as starting one on a virtual machine, and batches tend to come
-// back to back. One caller at a time: a caller that finds the pool busy (another router,
-// another thread) starts its own threads instead. After fork() the child starts a pool of its
-// own (the parent's workers do not exist there; the old pool's memory is left alone, since its
-// locks may have been held at the fork).
+// starting threads (tens of microseconds each). One caller at a time: a caller that finds the
+// pool busy (another router, another thread) starts its own threads instead. After fork() the
+// child starts a pool of its own (the parent's workers do not exist there; the old pool's
+// memory is left alone, since its locks may have been held at the fork).
 class WorkerPool {
 public:
-    static constexpr int kSpin = 1 << 13;
-
     static WorkerPool* get() {
         static WorkerPool* pool = nullptr;
         static std::mutex create;
@@ -65,23 +45,22 @@ public:
     bool run(int n, const std::function<void(int)>& job) {
         std::unique_lock<std::mutex> busy(use_, std::try_to_lock);
         if (!busy.owns_lock()) return false;
-        while (static_cast<int>(workers_) < n - 1) {
-            const int index = static_cast<int>(workers_) + 1;
-            std::thread([this, index] { loop(index); }).detach();
-            ++workers_;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            while (static_cast<int>(workers_) < n - 1) {
+                const int index = static_cast<int>(workers_) + 1;
+                std::thread([this, index] { loop(index); }).detach();
+                ++workers_;
+            }
+            job_ = &job;
+            active_ = n;
+            pending_ = n - 1;
+            ++generation_;
         }
-        job_ = &job;
-        active_ = n;
-        pending_.store(n - 1, std::memory_order_relaxed);
-        generation_.fetch_add(1, std::memory_order_release);  // publishes job_, active_, pending_
-        { std::lock_guard<std::mutex> lock(mu_); }  // no worker is between its check and its wait
         wake_.notify_all();
         auto wait = [this] {
-            for (int i = 0; i < kSpin && pending_.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
-            if (pending_.load(std::memory_order_acquire) != 0) {
-                std::unique_lock<std::mutex> lock(mu_);
-                done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
-            }
+            std::unique_lock<std::mutex> lock(mu_);
+            done_.wait(lock, [this] { return pending_ == 0; });
             job_ = nullptr;
         };
         try {
@@ -100,34 +79,28 @@ private:
     void loop(int index) {
         std::uint64_t seen = 0;
         for (;;) {
-            std::uint64_t g = generation_.load(std::memory_order_acquire);
-            for (int i = 0; i < kSpin && g == seen; ++i) {
-                cpu_relax();
-                g = generation_.load(std::memory_order_acquire);
-            }
-            if (g == seen) {
+            const std::function<void(int)>* job;
+            {
                 std::unique_lock<std::mutex> lock(mu_);
-                wake_.wait(lock, [&] { return (g = generation_.load(std::memory_order_acquire)) != seen; });
+                wake_.wait(lock, [&] { return generation_ != seen; });
+                seen = generation_;
+                if (index >= active_) continue;
+                job = job_;
             }
-            seen = g;
-            if (index >= active_) continue;
-            (*job_)(index);
-            if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-                { std::lock_guard<std::mutex> lock(mu_); }
-                done_.notify_one();
-            }
+            (*job)(index);
+            std::lock_guard<std::mutex> lock(mu_);
+            if (--pending_ == 0) done_.notify_one();
         }
     }
 
     const long pid_;
     std::mutex use_;  // held by the caller of run()
-    std::mutex mu_;   // for sleeping and waking only
+    std::mutex mu_;
     std::condition_variable wake_, done_;
     const std::function<void(int)>* job_ = nullptr;
-    int active_ = 0;
-    std::atomic<std::uint64_t> generation_{0};
-    std::atomic<int> pending_{0};
+    std::uint64_t generation_ = 0;
     std::size_t workers_ = 0;
+    int active_ = 0, pending_ = 0;
 };
 
 // Runs body(lo, hi) over [0, n) split across threads (0: hardware concurrency) in contiguous
