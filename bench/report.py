@@ -101,24 +101,28 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
         if quick:
             calls = max(3, calls // 10)
         X = cm.embeddings(B, d, seed=B)
-        feeds = {b: Feed(K, d, seed=3) for b in ("cpu", "numba")}
+        # "cpu 1t": the C++ kernel on the calling thread only (threads=1)
+        feeds = {b: Feed(K, d, seed=3) for b in ("cpu", "cpu 1t", "numba")}
         outs = {b: (np.empty(B, np.int64), np.empty(B, np.int32)) for b in feeds}
+        def call(b, r):
+            return r.route_batch(X, out=outs[b], backend=b.split()[0], threads=1 if b == "cpu 1t" else 0)
+
         for b, f in feeds.items():
-            f.router.route_batch(X[:64], backend=b)  # compiles the Numba kernel
-        t = {"numpy": [], "cpu": [], "numba": []}
-        regimes = {"cpu": [], "numba": []}
+            f.router.route_batch(X[:64], backend=b.split()[0])  # compiles the Numba kernel
+        t = {"numpy": [], "cpu": [], "cpu 1t": [], "numba": []}
+        regimes = {b: [] for b in feeds}
         ns = time.perf_counter_ns
         rounds = 8
         for _ in range(rounds):
             for b, f in feeds.items():
                 r = f.router
-                r.route_batch(X, out=outs[b], backend=b)  # untimed: the block starts warm
+                call(b, r)  # untimed: the block starts warm
                 per = np.empty(calls // rounds or 1, dtype=np.int64)
                 for c in range(per.size):
                     if c == 0:
                         regimes[b].append(cm.plan_regime(r))
                     t0 = ns()
-                    ids, models = r.route_batch(X, out=outs[b], backend=b)
+                    ids, models = call(b, r)
                     per[c] = ns() - t0
                     keep = min(B, 1024)  # rows still pending: their users may complain
                     f.feedback(ids[-keep:], models[-keep:])
@@ -294,15 +298,16 @@ def fmt_table(res: dict) -> str:
     L.append("### route_batch, d = 384, K = 16 (decisions per second from the median batch time; "
              "ratio: against NumPy's X @ W.T + argmin)")
     L.append("")
-    L.append("| B | NumPy | cpu | numba | cpu / NumPy | numba / NumPy | median batch time cpu, numba, NumPy (us) "
-             "| p99 batch time cpu, numba, NumPy (us) |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    L.append("| B | NumPy | cpu | cpu, 1 thread | numba | cpu / NumPy | cpu 1 thread / NumPy | numba / NumPy "
+             "| median batch time cpu, cpu 1 thread, numba, NumPy (us) | p99 batch time, same order (us) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in res["throughput"]:
-        n, c, b = r["numpy"], r["cpu"], r["numba"]
-        L.append(f"| {r['B']} | {n['decisions_per_s']:.3g} | {c['decisions_per_s']:.3g} | {b['decisions_per_s']:.3g} "
-                 f"| {c['decisions_per_s'] / n['decisions_per_s']:.2f} | {b['decisions_per_s'] / n['decisions_per_s']:.2f} "
-                 f"| {c['median_us']:.0f}, {b['median_us']:.0f}, {n['median_us']:.0f} "
-                 f"| {c['p99_us']:.0f}, {b['p99_us']:.0f}, {n['p99_us']:.0f} |")
+        n, c, c1, b = r["numpy"], r["cpu"], r["cpu 1t"], r["numba"]
+        rate = lambda x: x["decisions_per_s"] / n["decisions_per_s"]  # noqa: E731
+        L.append(f"| {r['B']} | {n['decisions_per_s']:.3g} | {c['decisions_per_s']:.3g} | {c1['decisions_per_s']:.3g} "
+                 f"| {b['decisions_per_s']:.3g} | {rate(c):.2f} | {rate(c1):.2f} | {rate(b):.2f} "
+                 f"| {c['median_us']:.0f}, {c1['median_us']:.0f}, {b['median_us']:.0f}, {n['median_us']:.0f} "
+                 f"| {c['p99_us']:.0f}, {c1['p99_us']:.0f}, {b['p99_us']:.0f}, {n['p99_us']:.0f} |")
     L.append("")
     regs = sorted({g for r in res["throughput"] for v in r["regimes"].values() for g in v})
     L.append("Router's rule at the timed batches: " + "; ".join(regs) + ".")

@@ -385,6 +385,8 @@ DENSE_ERRORS = [
     (dict(X=_x(), out=(np.empty(2, np.int64), np.empty(3, np.int32))), ValueError, "out models must be"),
     (dict(X=_x(), out=(np.empty(4, np.int64)[::2], np.empty(2, np.int32))), ValueError, "C-contiguous"),
     (dict(X=_x(), backend="gpu"), ValueError, "backend must be one of"),
+    (dict(X=_x(), threads=-1), ValueError, "threads must be an int >= 0"),
+    (dict(X=_x(), threads=1.5), ValueError, "threads must be an int >= 0"),
 ]
 
 TEXT_ERRORS = [
@@ -417,6 +419,24 @@ def test_route_batch_errors_dense(args, error, message, backend):
     with pytest.raises(error, match=message):
         router.route_batch(args.pop("X"), **args)
     assert router.to_bytes() == before
+
+
+@pytest.mark.parametrize("features", [48, "text"])
+def test_threads_do_not_change_results(features):
+    """The C++ kernel's result is the same with one thread or one per core (the sums of the
+    closing rows are chunked by row, not by thread)."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((3000, 48)).astype(np.float32) if features == 48 else \
+        [" ".join(f"w{i}" for i in rng.integers(0, 300, 12)) for _ in range(3000)]
+    ends = []
+    for threads in (1, 0, 3):
+        r = Router([("a", 1.0), ("b", 3.0), ("c", 9.0)], 0.8, report_rate=0.5, features=features,
+                   feedback_window=256, seed=2)
+        for b in range(3):
+            ids, models = r.route_batch(X, threads=threads)
+            r.complain_batch(ids[-256:][models[-256:] == 0][:50])
+        ends.append(r.to_bytes())
+    assert ends[0] == ends[1] == ends[2]
 
 
 @pytest.mark.parametrize("args, error, message", TEXT_ERRORS)

@@ -96,7 +96,7 @@ def check_out(out: Any, B: int, xp=np) -> Optional[Tuple[Any, Any]]:
     return ids, models
 
 
-def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str) -> Tuple[Any, Any]:
+def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str, threads: int = 0) -> Tuple[Any, Any]:
     core = router._core
     text = router._dim == 0
     which = choose(X, backend, text)
@@ -112,7 +112,7 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str) -> Tuple
         o = check_out(out, B)
         if B == 0:
             return _empty(o)
-        return core.route_batch(rows, c, o)
+        return core.route_batch(rows, c, o, threads)
     Xa = check_dense(X, router._dim)
     B = Xa.shape[0]
     c = check_cost(cost, B, K)
@@ -120,7 +120,7 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str) -> Tuple
     if B == 0:
         return _empty(o)
     if which == "cpu":
-        return core.route_batch(Xa, c, o)  # checks that X is finite, without a temporary
+        return core.route_batch(Xa, c, o, threads)  # checks that X is finite, without a temporary
     return _route_batch_numba(router, Xa, c, o)
 
 

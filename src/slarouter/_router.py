@@ -348,7 +348,8 @@ class Router:
         """
         return self._core.observe_cost(request_id, cost)
 
-    def route_batch(self, X: Any, *, cost: Any = None, out: Any = None, backend: str = "auto") -> Tuple[Any, Any]:
+    def route_batch(self, X: Any, *, cost: Any = None, out: Any = None, backend: str = "auto",
+                    threads: int = 0) -> Tuple[Any, Any]:
         """Route a batch of requests at once; returns ``(request_ids, model_indices)``.
 
         ``X`` is a (B, d) float array (NumPy: the C++ or Numba kernel; CuPy: the GPU kernel, and
@@ -359,10 +360,14 @@ class Router:
         cost estimate; ``out`` a preallocated ``(ids int64[B], models int32[B])`` pair.
         ``backend`` is ``"auto"`` (by array type), ``"cpu"``, ``"numba"`` or ``"cupy"``; asking
         for the GPU without CuPy or a device raises :class:`BackendUnavailableError`.
+        ``threads`` caps the C++ kernel's threads (0: one per core; 1 keeps the batch on the
+        calling thread, e.g. in a server that runs its own pool); the results never depend on it.
         """
         from . import _backends
 
-        return _backends.route_batch(self, X, cost, out, backend)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be an int >= 0 (0: one per core), got {threads!r}")
+        return _backends.route_batch(self, X, cost, out, backend, threads)
 
     def complain_batch(self, request_ids: Any) -> np.ndarray:
         """Complaints for many requests. Every id is checked first: an unknown id or a duplicate
