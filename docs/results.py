@@ -2,7 +2,7 @@
 
 Usage (from the repository root, after the commands listed in docs/RESULTS.md):
 
-    python docs/results.py results > docs/RESULTS-tables.md
+    python docs/results.py results [DATA_DIR] > docs/RESULTS-tables.md   (DATA_DIR: ../shared/data)
 """
 import collections
 import json
@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 R = os.path.join(sys.argv[1] if len(sys.argv) > 1 else 'results', '')
+DATA = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
 DS = ['llama3-zoo', 'routerbench-arc-mbpp', 'routellm-mmlu-gsm8k']
 def load(name): return json.load(open(R + name))['runs']
 def agg(rs):
@@ -58,6 +59,34 @@ for ds in DS:
         s = agg([r for r in main[ds] if r['policy']=='slarouter' and r['protocol']==proto])
         m = agg([r for r in main[ds] if r['policy']=='mess+' and r['protocol']==proto])
         P(f"| {ds} | {proto} | {s['cB']:.2f} | {m['cB']:.2f} | {s['cB']/m['cB']:.2f} | {s['met']:.0%} | {m['met']:.0%} |")
+P('\n## The ceiling: serving the most accurate model every time (long protocol)')
+P('The policy always:<best>, where <best> is the model of highest true accuracy on the benchmark (a router')
+P('that knew it from the first request and never explored), against slarouter, per dataset and report rate;')
+P('then the cells where even always:<best> meets the SLA in fewer than all runs.')
+P('')
+P('| dataset | report rate | always:<best> SLA met | slarouter SLA met | runs |'); P('|---|---|---|---|---|')
+def best_policy(ds, bench):
+    meta = json.load(open(os.path.join(DATA, ds, 'meta.json')))
+    sat = meta['benchmarks'][bench]['mean_satisfaction']
+    return 'always:' + max(sat, key=sat.get)
+hard = []
+for ds in DS:
+    for rho in [0.1, 0.3, 1.0]:
+        rs = [r for r in main[ds] if r['protocol'] == 'long' and r['report_rate'] == rho]
+        best = [r for r in rs if r['policy'] == best_policy(ds, r['benchmark'])]
+        sl = [r for r in rs if r['policy'] == 'slarouter']
+        P(f"| {ds} | {rho} | {agg(best)['met']:.0%} | {agg(sl)['met']:.0%} | {len(sl)} |")
+        cells = collections.defaultdict(list)
+        for r in best:
+            cells[(r['benchmark'], r['alpha'])].append(r['sla_met'])
+        for (b, a), v in sorted(cells.items()):
+            if np.mean(v) < 1.0:
+                s_met = np.mean([r['sla_met'] for r in sl if r['benchmark'] == b and r['alpha'] == a])
+                hard.append((ds, b, a, rho, np.mean(v), s_met))
+P('')
+P('| dataset | benchmark | alpha | report rate | always:<best> SLA met | slarouter SLA met |'); P('|---|---|---|---|---|---|')
+for ds, b, a, rho, m, s_met in hard:
+    P(f"| {ds} | {b} | {a} | {rho} | {m:.0%} | {s_met:.0%} |")
 P('\n## All policies, pooled per dataset and protocol (all report rates, SLA levels and seeds)')
 for ds in DS:
     for proto in ['short', 'long']:
