@@ -1,12 +1,13 @@
-// The dense inner loops of the engine, compiled twice on x86-64 Linux with GCC: for the
-// baseline instruction set and for AVX2 (picked at load time by the CPU). Both give the same
+// The dense inner loops of the engine, compiled three times on x86-64 Linux with GCC: for the
+// baseline instruction set, AVX2 and AVX-512 (picked at load time by the CPU). All give the same
 // bits: no fused multiply-add (-ffp-contract=off), no reassociation, the same operation order.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// (ifunc dispatch: GCC on x86-64 glibc; musl has no ifunc, other compilers build one version)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
 #define SLAROUTER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SLAROUTER_CLONES
