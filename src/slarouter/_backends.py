@@ -121,7 +121,16 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str, threads:
         return _empty(o)
     if which == "cpu":
         return core.route_batch(Xa, c, o, threads)  # checks that X is finite, without a temporary
-    return _route_batch_numba(router, Xa, c, o)
+    if threads == 0:
+        return _route_batch_numba(router, Xa, c, o)
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # this thread's later loops
+    try:
+        return _route_batch_numba(router, Xa, c, o)
+    finally:
+        numba.set_num_threads(before)
 
 
 def _empty(out: Optional[Tuple[Any, Any]], xp=np) -> Tuple[Any, Any]:

@@ -360,8 +360,9 @@ class Router:
         cost estimate; ``out`` a preallocated ``(ids int64[B], models int32[B])`` pair.
         ``backend`` is ``"auto"`` (by array type), ``"cpu"``, ``"numba"`` or ``"cupy"``; asking
         for the GPU without CuPy or a device raises :class:`BackendUnavailableError`.
-        ``threads`` caps the C++ kernel's threads (0: one per core; 1 keeps the batch on the
-        calling thread, e.g. in a server that runs its own pool); the results never depend on it.
+        ``threads`` caps the threads of the CPU backends (0: one per core; 1 keeps the batch on
+        the calling thread, e.g. in a server that runs its own pool; the GPU ignores it); the
+        results never depend on it.
         """
         from . import _backends
 
