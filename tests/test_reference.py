@@ -70,8 +70,8 @@ def router_kwargs(draw: Callable[..., Any]) -> Dict[str, Any]:
     rho_false = draw(st.just(0.0) | st.floats(0.0, 0.95, **_unit))
     if report_rate is not None:
         rho_false *= report_rate  # the API wants it below the report rate
-    # Dense dimensions below, at and above the 8 lanes of the dot products.
-    features = draw(st.just("text") | st.integers(1, 8) | st.sampled_from([9, 16, 19, 40]))
+    # Dense dimensions below, at and above the 32 lanes of the dot products.
+    features = draw(st.just("text") | st.integers(1, 8) | st.sampled_from([9, 16, 19, 32, 40]))
     kw: Dict[str, Any] = {
         "models": [(f"m{k}", costs[k], priors[k]) for k in range(K)],
         "sla": draw(st.floats(0.05, 0.95, **_unit)),
@@ -327,12 +327,12 @@ def test_frontier_edge_cases(models, expected):
     assert_estimates_agree(e, ReferenceRouter(router.config).estimates())
 
 
-@pytest.mark.parametrize("dim", [9, 16, 21])
-def test_dense_sums_use_eight_lanes(dim):
+@pytest.mark.parametrize("dim", [9, 16, 21, 40])
+def test_dense_sums_use_lanes(dim):
     """The order of the dense dot product is observable when its terms cancel: with unit weights
     and features (1e20, 1, 0, ..., -1e20 at index 8), a sum in feature order loses the 1 and gives
-    0, the 8 lanes (j % 8, added pairwise) give 1. A complaint then steps the predictor from that
-    logit, so the reference's state matches the engine's only if it sums in the same lanes."""
+    0, the 32 lanes (j % 32, folded in halves) give 1. A complaint then steps the predictor from
+    that logit, so the reference's state matches the engine's only if it sums in the same lanes."""
     kw = {"models": [("a", 1.0, None), ("b", 3.0, None)], "sla": 0.7, "report_rate": 0.5, "confidence": 0.9,
           "features": dim, "seed": 2, "feedback_window": 16, "false_complaint_rate": 0.0,
           "min_report_rate": 0.05, "hash_bits": 8, "tuning": {"lr": 0.5}}
