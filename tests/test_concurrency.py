@@ -1,8 +1,11 @@
 """Many threads routing and complaining at once lose and double-count nothing."""
 
+import os
 import threading
+import time
 
 import numpy as np
+import pytest
 
 from slarouter import Router
 
@@ -70,3 +73,33 @@ def test_batches_of_routers_in_many_threads_match_one_thread():
     for t in threads:
         t.join()
     assert [r.to_bytes() for r in routers] == alone
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_batches_with_its_own_workers():
+    """The worker pool's threads do not survive fork(): a child process (multiprocessing's default
+    on Linux) must start its own and finish its batches, as the parent still must."""
+    r = Router([("a", 1.0), ("b", 3.0)], 0.8, report_rate=0.5, features=64)
+    X = np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32)
+    r.route_batch(X)  # the parent's pool exists from here on
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 1
+        try:
+            r.route_batch(X)
+            r.route_batch(X)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung in route_batch")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    ids, _ = r.route_batch(X)
+    assert ids[0] == 40000

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -31,13 +32,19 @@ constexpr std::int64_t kParallelWork = std::int64_t{1} << 16;
 // memory is left alone, since its locks may have been held at the fork).
 class WorkerPool {
 public:
+    // The process's pool. Lock-free, so that a child forked while another thread was here
+    // cannot block on a lock held by a thread it does not have. Pools are never freed (their
+    // workers use them for the life of the process).
     static WorkerPool* get() {
-        static WorkerPool* pool = nullptr;
-        static std::mutex create;
-        std::lock_guard<std::mutex> lock(create);
+        static std::atomic<WorkerPool*> pool{nullptr};
         const long pid = static_cast<long>(SLAROUTER_GETPID());
-        if (pool == nullptr || pool->pid_ != pid) pool = new WorkerPool(pid);  // never freed: workers use it
-        return pool;
+        WorkerPool* p = pool.load(std::memory_order_acquire);
+        while (p == nullptr || p->pid_ != pid) {
+            WorkerPool* fresh = new WorkerPool(pid);
+            if (pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) return fresh;
+            delete fresh;  // another thread installed one first; p is now that one
+        }
+        return p;
     }
 
     // Runs job(w) for w = 1 .. n - 1 on the workers and job(0) on the calling thread, and
