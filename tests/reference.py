@@ -778,13 +778,13 @@ class ReferenceRouter:
         dpi = (rf - rho) * p * (1.0 - p)
         return -(y / pi - (1.0 - y) / (1.0 - pi)) * dpi
 
-    def _learn(self, k: int, s: int, obs: int, y: float, rho: Optional[float] = None) -> None:
-        """One AdaGrad step of model k's predictor on the request in slot s (learn_step_locked),
+    def _learn(self, k: int, s: int, obs: int, y: float) -> None:
+        """One AdaGrad step of model k's predictor on the request in slot s (learn_locked),
         in IEEE single precision: every operation rounded to float32."""
         if self.lr <= 0.0:
             return
         f = self._slot_view(s)
-        g = self._gradient(k, f, obs, y, self._rho_current() if rho is None else rho)
+        g = self._gradient(k, f, obs, y, self._rho_current())
         gf, l2, lr, l0 = f32(g), f32(self.l2), f32(self.lr), f32(self.lambda0)
         # Features are stepped one after the other: a bucket hit twice is updated twice.
         for ix, phi in self._feature_terms(k, f):

@@ -77,15 +77,18 @@ SLAROUTER_CLONES inline void add(double* a, const float* b, int n) {
     for (int j = 0; j < n; ++j) a[j] += static_cast<double>(b[j]);
 }
 
-// AdaGrad steps on n coordinates with gradient components gsum_j (before the L2 term), in
-// single precision.
+// One AdaGrad coordinate step in single precision, g the gradient component before the L2
+// term: every AdaGrad step of the engine is this one (the reference repeats it).
+inline void adagrad_coord(float& w, float& G, float g, float lr, float l2, float l0) {
+    const float gj = g + l2 * w;
+    const float Gn = G + gj * gj;
+    G = Gn;
+    w = w - lr * gj / std::sqrt(l0 + Gn);
+}
+
+// AdaGrad steps on n coordinates with gradient components gsum_j (before the L2 term).
 SLAROUTER_CLONES inline void adagrad(float* w, float* G, const double* gsum, int n, float lr, float l2, float l0) {
-    for (int j = 0; j < n; ++j) {
-        const float gj = static_cast<float>(gsum[j]) + l2 * w[j];
-        const float Gn = G[j] + gj * gj;
-        G[j] = Gn;
-        w[j] = w[j] - lr * gj / std::sqrt(l0 + Gn);
-    }
+    for (int j = 0; j < n; ++j) adagrad_coord(w[j], G[j], static_cast<float>(gsum[j]), lr, l2, l0);
 }
 
 // adagrad() on the sums of a minibatch of one row (SilentSums): gsum_j = 0 + (0 + g * x_j),
@@ -96,22 +99,14 @@ SLAROUTER_CLONES inline void adagrad_row(float* w, float* G, float g, const floa
         s += g * x[j];
         double t = 0.0;
         t += static_cast<double>(s);
-        const float gj = static_cast<float>(t) + l2 * w[j];
-        const float Gn = G[j] + gj * gj;
-        G[j] = Gn;
-        w[j] = w[j] - lr * gj / std::sqrt(l0 + Gn);
+        adagrad_coord(w[j], G[j], static_cast<float>(t), lr, l2, l0);
     }
 }
 
 // AdaGrad steps with gradient components g * x_j, the product taken in single precision.
 SLAROUTER_CLONES inline void adagrad_scaled(float* w, float* G, float g, const float* x, int n, float lr, float l2,
                                             float l0) {
-    for (int j = 0; j < n; ++j) {
-        const float gj = g * x[j] + l2 * w[j];
-        const float Gn = G[j] + gj * gj;
-        G[j] = Gn;
-        w[j] = w[j] - lr * gj / std::sqrt(l0 + Gn);
-    }
+    for (int j = 0; j < n; ++j) adagrad_coord(w[j], G[j], g * x[j], lr, l2, l0);
 }
 
 }  // namespace kernels

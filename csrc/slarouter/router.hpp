@@ -617,34 +617,24 @@ private:
 
     // One AdaGrad coordinate step with gradient component gsum (before the L2 term).
     void adagrad_step(float& w, float& G, double gsum) const {
-        const float gj = static_cast<float>(gsum) + static_cast<float>(cfg_.l2) * w;
-        const float Gn = G + gj * gj;
-        G = Gn;
-        w = w - static_cast<float>(cfg_.lr) * gj / std::sqrt(static_cast<float>(cfg_.lambda0) + Gn);
+        kernels::adagrad_coord(w, G, static_cast<float>(gsum), static_cast<float>(cfg_.lr), static_cast<float>(cfg_.l2),
+                               static_cast<float>(cfg_.lambda0));
     }
 
     // One AdaGrad step of model k's predictor on the request in slot s.
-    void learn_locked(int k, std::size_t s, int obs, double y) { learn_step_locked(k, s, obs, y, rho_current()); }
-
-    void learn_step_locked(int k, std::size_t s, int obs, double y, double rho) {
+    void learn_locked(int k, std::size_t s, int obs, double y) {
         if (cfg_.lr <= 0.0) return;
         const FeatureView f = slot_view(s);
-        const double g = gradient(k, f, obs, y, rho);
+        const double g = gradient(k, f, obs, y, rho_current());
         // The step runs in single precision, element by element (no reductions), so it
         // vectorises; every operation is IEEE single precision and the reference repeats it.
         const float gf = static_cast<float>(g), l2 = static_cast<float>(cfg_.l2);
         const float lr = static_cast<float>(cfg_.lr), l0 = static_cast<float>(cfg_.lambda0);
-        auto step = [gf, l2, lr, l0](float& w, float& G, float phi) {
-            const float gj = gf * phi + l2 * w;
-            const float Gn = G + gj * gj;
-            G = Gn;
-            w = w - lr * gj / std::sqrt(l0 + Gn);
-        };
         if (cfg_.hashed()) {
             const int K = cfg_.n_models;
             for (int j = 0; j < f.nnz; ++j) {
                 const std::size_t ix = static_cast<std::size_t>(f.idx[j]) * K + k;
-                step(weights_[ix], adagrad_[ix], f.val[j]);
+                kernels::adagrad_coord(weights_[ix], adagrad_[ix], gf * f.val[j], lr, l2, l0);
             }
         } else {
             const std::size_t base = static_cast<std::size_t>(k) * cfg_.dim;
@@ -788,7 +778,6 @@ private:
                 }
             return;
         }
-        std::vector<char> has(K, 0);
         std::vector<double> g(static_cast<std::size_t>(n));
         parallel_for(n, n * 64 >= kParallelWork ? threads : 1, [&](std::int64_t lo, std::int64_t hi) {
             for (std::int64_t r = lo; r < hi; ++r) {
@@ -802,7 +791,6 @@ private:
         for (std::int64_t r = 0; r < n; ++r) {
             const auto kf = row(r);
             const FeatureView& f = kf.second;
-            has[kf.first] = 1;
             auto& v = terms[kf.first];
             for (int j = 0; j < f.nnz; ++j) v.emplace_back(f.idx[j], g[r] * f.val[j]);
         }
