@@ -421,6 +421,35 @@ def test_route_batch_errors_dense(args, error, message, backend):
     assert router.to_bytes() == before
 
 
+@pytest.mark.parametrize("bad_row, value", [(0, np.nan), (1700, np.inf), (2999, -np.inf), (2900, np.nan)])
+def test_large_batch_with_a_bad_row_changes_nothing(bad_row, value):
+    """A large batch with one row not finite, in the part that would close within the batch
+    (rows 0, 1700) or stay pending (2900, 2999), raises and changes nothing: the state and every
+    later decision are those of a router that never saw the call (whose closings, predictor step
+    and refresh would all have run)."""
+    rng = np.random.default_rng(4)
+    d = 96
+    router = Router([("a", 1.0), ("b", 3.0), ("c", 9.0)], 0.8, report_rate=0.5, features=d,
+                    feedback_window=256, seed=3)
+    ids, _ = router.route_batch(rng.standard_normal((700, d)).astype(np.float32))
+    for i in ids[-200::9]:
+        router.complain(int(i))
+    router.audit(int(ids[-5]), False)
+    clone = Router.from_bytes(router.to_bytes())
+    before = router.to_bytes()
+    X = rng.standard_normal((3000, d)).astype(np.float32)
+    bad = X.copy()
+    bad[bad_row, 17] = value
+    for threads in (1, 0):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            router.route_batch(bad, backend="cpu", threads=threads)
+        assert router.to_bytes() == before
+    got, want = router.route_batch(X, backend="cpu"), clone.route_batch(X, backend="cpu")
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert router.to_bytes() == clone.to_bytes()
+
+
 @pytest.mark.parametrize("features", [48, "text"])
 def test_threads_do_not_change_results(features):
     """A batch's result is the same with one thread or one per core, on both CPU backends (the
