@@ -22,10 +22,17 @@ namespace kernels {
 // (tests/reference.py) and the Numba kernel repeat.
 constexpr int kLanes = 32;
 
+// One step per half, each with a constant trip count, so the compiler keeps the steps in
+// vector registers (a loop over h goes through memory with every step).
+template <int H, class T>
+inline void fold_from(T* lane) {
+    for (int l = 0; l < H; ++l) lane[l] += lane[l + H];
+    if constexpr (H > 1) fold_from<H / 2>(lane);
+}
+
 template <class T>
 inline T fold(T* lane) {
-    for (int h = kLanes / 2; h >= 1; h /= 2)
-        for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+    fold_from<kLanes / 2>(lane);
     return lane[0];
 }
 
