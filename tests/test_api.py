@@ -80,6 +80,7 @@ def test_same_seed_same_decisions():
         ({"features": 0}, ValueError, "features must be"),
         ({"seed": -1}, ValueError, "seed must be"),
         ({"feedback_window": 0}, ValueError, "feedback_window"),
+        ({"feedback_window": 300}, ValueError, "feedback_window must be at most 32 or a multiple of 32"),
         ({"hash_bits": 40}, ValueError, "hash_bits"),
         ({"tuning": {"nope": 1}}, ValueError, "unknown tuning constant"),
         ({"models": []}, ValueError, "at least one model"),

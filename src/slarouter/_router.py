@@ -157,7 +157,8 @@ class Router:
     seed:
         Seed of the router's own random choices; the same seed and inputs give the same decisions.
     feedback_window:
-        A request's feedback closes after this many later requests.
+        A request's feedback closes after this many later requests: at most 32, or a multiple of
+        32 (the complaint-delay model's bins).
     false_complaint_rate:
         Probability that a satisfied user complains anyway.
     min_report_rate:
@@ -218,6 +219,9 @@ class Router:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         if not _is_int(feedback_window) or feedback_window < 1:
             raise ValueError(f"feedback_window must be a positive int, got {feedback_window!r}")
+        if feedback_window > _defaults.DELAY_BINS and feedback_window % _defaults.DELAY_BINS:
+            raise ValueError(f"feedback_window must be at most {_defaults.DELAY_BINS} or a multiple of "
+                             f"{_defaults.DELAY_BINS} (the complaint-delay bins), got {feedback_window}")
         false_complaint_rate = _finite_number(false_complaint_rate, "false_complaint_rate")
         if not 0.0 <= false_complaint_rate < 1.0:
             raise ValueError(f"false_complaint_rate must be in [0, 1), got {false_complaint_rate}")
