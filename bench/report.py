@@ -93,11 +93,23 @@ def latency(quick: bool, overhead: float) -> List[dict]:
     return rows
 
 
+def wait_out_blas(seconds: float = 0.15) -> None:
+    """Let OpenBLAS's threads go to sleep: after a product they poll for work for about 0.1 s,
+    on the core slarouter's second thread needs (measured here: route_batch at B = 4096 took
+    twice as long within 50 ms of a NumPy product as 100 ms after it). Busy on this thread, so
+    the next block does not start on a cold core."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pass
+
+
 def throughput(quick: bool, overhead: float) -> List[dict]:
     K, d = 16, 384
     W = np.random.default_rng(3).standard_normal((K, d)).astype(np.float32)
     rows = []
-    for B, calls in ((64, 2000), (4096, 60), (65536, 8)):
+    # Blocks of consecutive batches long enough (tens of milliseconds) that both sides' threads
+    # run as they do in a sustained stream of batches, not woken afresh for each.
+    for B, calls in ((64, 4000), (4096, 160), (65536, 12)):
         if quick:
             calls = max(3, calls // 10)
         X = cm.embeddings(B, d, seed=B)
@@ -112,8 +124,9 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
         t = {"numpy": [], "cpu": [], "cpu 1t": [], "numba": []}
         regimes = {b: [] for b in feeds}
         ns = time.perf_counter_ns
-        rounds = 8
+        rounds = 4
         for _ in range(rounds):
+            wait_out_blas()
             for b, f in feeds.items():
                 r = f.router
                 call(b, r)  # untimed: the block starts warm

@@ -450,6 +450,29 @@ def test_large_batch_with_a_bad_row_changes_nothing(bad_row, value):
     assert router.to_bytes() == clone.to_bytes()
 
 
+def test_spin_setting_does_not_change_results():
+    """SLAROUTER_SPIN_US (how long idle pool threads poll before sleeping) changes timing only;
+    a value that is not a non-negative integer is ignored."""
+    script = (
+        "import hashlib, numpy as np, slarouter\n"
+        "X = np.random.default_rng(5).standard_normal((3000, 40)).astype(np.float32)\n"
+        "r = slarouter.Router([('a', 1.0), ('b', 4.0)], 0.8, report_rate=0.5, features=40, feedback_window=320)\n"
+        "h = hashlib.sha256()\n"
+        "for k in range(4):\n"
+        "    ids, models = r.route_batch(X, threads=0)\n"
+        "    h.update(models.tobytes())\n"
+        "    r.complain(int(ids[-7]))\n"
+        "print(h.hexdigest(), hashlib.sha256(r.to_bytes()).hexdigest())\n"
+    )
+    outs = set()
+    for spin in ("0", "200", "5000", "-3", "lots"):
+        env = dict(os.environ, SLAROUTER_SPIN_US=spin)
+        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        outs.add(res.stdout)
+    assert len(outs) == 1
+
+
 @pytest.mark.parametrize("features", [48, "text"])
 def test_threads_do_not_change_results(features):
     """A batch's result is the same with one thread or one per core, on both CPU backends (the
