@@ -3,6 +3,8 @@
 Usage (from the repository root, after the commands listed in docs/RESULTS.md):
 
     python docs/results.py results [DATA_DIR] > docs/RESULTS-tables.md   (DATA_DIR: ../shared/data)
+
+(slarouter must be importable: the floor table uses its linear program and reference costs.)
 """
 import collections
 import json
@@ -117,7 +119,6 @@ P('even with nothing left to learn. B_cert has no such margin at report rate 1 (
 P('bar of 1.25 x B_cert is out of reach of every static mix wherever the mean below exceeds 1.25.')
 P('')
 P('| dataset | report rate | mean B_95 / B_cert | largest (benchmark, alpha) |'); P('|---|---|---|---|')
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src'))
 from slarouter.datasets import load_dataset, static_optimum  # noqa: E402
 from slarouter.replay import reference_costs  # noqa: E402
 N_LONG = 20000
