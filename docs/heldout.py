@@ -18,7 +18,8 @@ fitted to (the "not fitted to these three" clause of the acceptance bar):
 
 Every workload recomputes its per-benchmark counts and means, and sets its SLA levels by the rule of
 the shared data's README: 30%, 60% and 90% of the way from the cheapest model's accuracy to the best
-model's. Only the standard library and NumPy are used; the output is the same on every run.
+model's. The sources are read with slarouter's own loader (slarouter must be importable, as for
+docs/results.py); the output is the same on every run.
 
 Usage (from the repository root):
 
@@ -32,6 +33,8 @@ import os
 import sys
 
 import numpy as np
+
+from slarouter.datasets import load_dataset
 
 SUBSETS = {
     "llama3-1b-70b": ("llama3-zoo", ["llama-3.2-1b", "llama-3.3-70b"]),
@@ -54,18 +57,6 @@ DIFFICULTY_WORDS = ["easy", "plain", "routine", "tricky", "subtle", "obscure"]
 COST_SIGMA = 0.3
 
 
-def read_dataset(folder):
-    """(meta, ids, benchmarks, prompts, sat, cost) of a dataset folder; sat and cost are (rows, models)."""
-    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:
-        meta = json.load(fh)
-    csv.field_size_limit(2**31 - 1)
-    with gzip.open(os.path.join(folder, "requests.csv.gz"), "rt", encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    sat = np.array([[float(r[f"sat:{m}"]) for m in meta["models"]] for r in rows])
-    cost = np.array([[float(r[f"cost:{m}"]) for m in meta["models"]] for r in rows])
-    return meta, [r["id"] for r in rows], [r["benchmark"] for r in rows], [r["prompt"] for r in rows], sat, cost
-
-
 def describe(models, benchmarks, sat, cost, order):
     """The per-benchmark part of meta.json, recomputed from the rows."""
     bench = np.array(benchmarks)
@@ -84,7 +75,7 @@ def describe(models, benchmarks, sat, cost, order):
 
 
 def write_dataset(folder, meta, ids, benchmarks, prompts, sat, cost):
-    """Write meta.json and requests.csv.gz; meta gets its ``benchmarks`` part recomputed."""
+    """Write meta.json and requests.csv.gz; meta gets its ``benchmarks`` part recomputed and is returned."""
     os.makedirs(folder, exist_ok=True)
     models = meta["models"]
     order = list(dict.fromkeys(benchmarks))
@@ -99,18 +90,22 @@ def write_dataset(folder, meta, ids, benchmarks, prompts, sat, cost):
             out.writerow(["id", "benchmark", "prompt"] + [f"sat:{m}" for m in models] + [f"cost:{m}" for m in models])
             for i in range(len(ids)):
                 out.writerow([ids[i], benchmarks[i], prompts[i]] + [repr(float(v)) for v in (*sat[i], *cost[i])])
+    return meta
 
 
 def subset(data_dir, out_dir, name, source, models):
-    meta, ids, benchmarks, prompts, sat, cost = read_dataset(os.path.join(data_dir, source))
-    cols = [meta["models"].index(m) for m in models]
+    """The source dataset restricted to `models`; a request's id is its row in the source."""
+    ds = load_dataset(os.path.join(data_dir, source))
+    cols = [ds.models.index(m) for m in models]
     meta = dict(
-        meta,
+        ds.meta,
         name=name,
         models=models,
-        source=f"{source} (shared data) restricted to {', '.join(models)}; original source: {meta['source']}",
+        source=f"{source} (shared data) restricted to {', '.join(models)}; original source: {ds.meta['source']}",
     )
-    write_dataset(os.path.join(out_dir, name), meta, ids, benchmarks, prompts, sat[:, cols], cost[:, cols])
+    ids = [f"{source}/{i}" for i in range(len(ds.prompts))]
+    return write_dataset(os.path.join(out_dir, name), meta, ids, list(ds.benchmark), ds.prompts,
+                         ds.sat[:, cols], ds.cost[:, cols])
 
 
 def synthetic(out_dir, seed=2026):
@@ -145,22 +140,18 @@ def synthetic(out_dir, seed=2026):
         "cost_unit": "abstract units per request (mean cost: tiny 1, small 2.5, medium 6, large 13, huge 30)",
         "licence": "generated data, no restrictions",
     }
-    write_dataset(os.path.join(out_dir, "synthetic"), meta, ids, benchmarks, prompts, np.vstack(sats), np.vstack(costs))
+    return write_dataset(os.path.join(out_dir, "synthetic"), meta, ids, benchmarks, prompts, np.vstack(sats), np.vstack(costs))
 
 
 def main(argv):
     if len(argv) != 2:
         sys.exit("usage: python docs/heldout.py DATA_DIR OUTDIR")
     data_dir, out_dir = argv
-    for name, (source, models) in SUBSETS.items():
-        subset(data_dir, out_dir, name, source, models)
-    synthetic(out_dir)
-    for name in [*SUBSETS, "synthetic"]:
-        with open(os.path.join(out_dir, name, "meta.json"), encoding="utf-8") as fh:
-            meta = json.load(fh)
+    written = [subset(data_dir, out_dir, name, source, models) for name, (source, models) in SUBSETS.items()]
+    written.append(synthetic(out_dir))
+    for meta in written:
         n = sum(b["requests"] for b in meta["benchmarks"].values())
-        print(f"{out_dir}/{name}: {n} requests, {len(meta['models'])} models, {len(meta['benchmarks'])} benchmarks")
-
+        print(f"{out_dir}/{meta['name']}: {n} requests, {len(meta['models'])} models, {len(meta['benchmarks'])} benchmarks")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
