@@ -220,6 +220,18 @@ _SILENT_CHUNK = 256  # kSilentChunk (router.hpp)
 
 
 @numba.jit(**_JIT)
+def _fold(lane):
+    """The lanes folded in halves (lane l += lane l + h, h = 16, 8, ..., 1), as kernels::fold;
+    in the lanes' own precision."""
+    h = _LANES // 2
+    while h >= 1:
+        for l in range(h):
+            lane[l] += lane[l + h]
+        h //= 2
+    return lane[0]
+
+
+@numba.jit(**_JIT)
 def _lane_dot(a, b, square_over):
     """sum_j a_j b_j in float32 (kernels::dot), or, when square_over >= 0, sum_j b_j^2 /
     (square_over + a_j) in double (kernels::spread2): term j in lane j % 32, the lanes then folded
@@ -230,22 +242,11 @@ def _lane_dot(a, b, square_over):
         for j in range(n):
             x = np.float64(b[j])
             lane[j % _LANES] += x * x / (square_over + np.float64(a[j]))
-    else:
-        lane32 = np.zeros(_LANES, dtype=np.float32)
-        for j in range(n):
-            lane32[j % _LANES] += np.float32(a[j]) * np.float32(b[j])
-        h = _LANES // 2
-        while h >= 1:
-            for l in range(h):
-                lane32[l] += lane32[l + h]
-            h //= 2
-        return np.float64(lane32[0])
-    h = _LANES // 2
-    while h >= 1:
-        for l in range(h):
-            lane[l] += lane[l + h]
-        h //= 2
-    return lane[0]
+        return _fold(lane)
+    lane32 = np.zeros(_LANES, dtype=np.float32)
+    for j in range(n):
+        lane32[j % _LANES] += np.float32(a[j]) * np.float32(b[j])
+    return np.float64(_fold(lane32))
 
 
 @numba.jit(**_JIT)
