@@ -133,9 +133,9 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str, threads:
         numba.set_num_threads(before)
 
 
-def _empty(out: Optional[Tuple[Any, Any]], xp=np) -> Tuple[Any, Any]:
+def _empty(out: Optional[Tuple[Any, Any]]) -> Tuple[Any, Any]:
     """An empty batch routes nothing and changes nothing."""
-    return out if out is not None else (xp.empty(0, dtype=xp.int64), xp.empty(0, dtype=xp.int32))
+    return out if out is not None else (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32))
 
 
 def _route_batch_numba(router: Any, X: np.ndarray, cost: Optional[np.ndarray], out) -> Tuple[np.ndarray, np.ndarray]:
