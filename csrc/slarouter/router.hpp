@@ -48,7 +48,7 @@ struct Config {
     double z_lcb = 1.0;         // cautious accuracy used for the mix
     double z_ucb = 2.0;         // optimistic accuracy used to pick models to try
     double prior_weight = 2.0;  // prior strength, in labelled-request equivalents
-    double payback = 100.0;     // deficit payback horizon is payback / rho requests ...
+    double payback = 1000.0;    // deficit payback horizon is payback / rho requests ...
     double payback_min = 50.0;  // ... but at least this many and at most the elapsed requests
     double tilt = 1.0;          // weight of per-request evidence in the two-model mix
     double lr = 0.05;           // AdaGrad step size of the per-request predictor

@@ -22,7 +22,7 @@ TUNING = {
     "z_lcb": 1.0,
     "z_ucb": 2.0,
     "prior_weight": 2.0,
-    "payback": 100.0,
+    "payback": 1000.0,
     "payback_min": 50.0,
     "tilt": 1.0,
     "lr": 0.05,
