@@ -1177,7 +1177,18 @@ class ReferenceRouter:
             # Past the valve the deficit must be repaid: accuracy alone decides.
             p.model = self._most_accurate(e, 0.0 if d.valve else self.top_cost)
             p.eps = d.eps
-            p.cand = [k for k in range(self.K) if k != p.model and e.ucb[k] > e.acc[p.model]]
+            # Candidates' bounds widen as the other models gather evidence (z^2 + 2 ln(n_all / n_k)).
+            m0 = self.prior_weight / e.rho
+            nall = m0
+            for k in range(self.K):
+                nall += e.exposure[k]
+            p.cand = []
+            for k in range(self.K):
+                if k == p.model:
+                    continue
+                g = _sqrt(self.z_ucb * self.z_ucb + 2.0 * math.log(nall / (e.exposure[k] + m0)))
+                if e.ucb[k] + (g - self.z_ucb) * e.sd[k] > e.acc[p.model]:
+                    p.cand.append(k)
             return p
         if te <= e.ucb[h[0]]:
             p.regime = SERVE_ONE

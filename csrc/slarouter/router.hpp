@@ -46,7 +46,7 @@ struct Config {
     double eps_max = 0.1;       // exploration floor: min(eps_max, eps_c * t^(-1/3))
     double eps_c = 0.5;
     double z_lcb = 1.0;         // cautious accuracy used for the mix
-    double z_ucb = 2.0;         // optimistic accuracy used to pick models to try
+    double z_ucb = 1.5;         // optimistic accuracy used to pick models to try
     double prior_weight = 2.0;  // prior strength, in labelled-request equivalents
     double payback = 1000.0;    // deficit payback horizon is payback / rho requests ...
     double payback_min = 50.0;  // ... but at least this many and at most the elapsed requests
@@ -1286,8 +1286,17 @@ public:
             // Past the valve the deficit must be repaid: accuracy alone decides.
             p.model = most_accurate(e, d.valve ? 0.0 : cfg_.top_cost);
             p.eps = d.eps;
-            for (int k = 0; k < K; ++k)
-                if (k != p.model && e.ucb[k] > e.acc[p.model]) p.cand[p.ncand++] = k;
+            // Candidates: models that could be better than the one served. Their bound widens
+            // as the others gather evidence (z^2 + 2 ln(n_all / n_k), as in UCB1), so that a
+            // model whose early sample was unlucky is tried again (docs/algorithm.md, section 6).
+            const double m0 = cfg_.prior_weight / e.rho;
+            double nall = m0;
+            for (int k = 0; k < K; ++k) nall += e.exposure[k];
+            for (int k = 0; k < K; ++k) {
+                if (k == p.model) continue;
+                const double g = std::sqrt(cfg_.z_ucb * cfg_.z_ucb + 2.0 * std::log(nall / (e.exposure[k] + m0)));
+                if (e.ucb[k] + (g - cfg_.z_ucb) * e.sd[k] > e.acc[p.model]) p.cand[p.ncand++] = k;
+            }
             return p;
         }
         if (te <= e.ucb[h.front()]) {

@@ -20,7 +20,7 @@ TUNING = {
     "eps_max": 0.1,
     "eps_c": 0.5,
     "z_lcb": 1.0,
-    "z_ucb": 2.0,
+    "z_ucb": 1.5,
     "prior_weight": 2.0,
     "payback": 1000.0,
     "payback_min": 50.0,
