@@ -302,7 +302,7 @@ def test_reference_with_the_default_configuration():
           "confidence": 0.95, "features": "text", "seed": 7, "feedback_window": 1024,
           "false_complaint_rate": 0.0, "min_report_rate": 0.05, "hash_bits": 18}
     router = make_router(kw)
-    assert router.config["hash_bits"] == 18 and router.config["tuning"]["lr"] == 0.05
+    assert router.config["hash_bits"] == 18 and router.config["tuning"]["lr"] == 0.5
     ref = ReferenceRouter(router.config)
     drive([Engine(router), ref], kw, 5, 1400)
     assert ref.t > 1024  # requests have closed

@@ -51,7 +51,7 @@ struct Config {
     double payback = 1000.0;    // deficit payback horizon is payback / rho requests ...
     double payback_min = 50.0;  // ... but at least this many and at most the elapsed requests
     double tilt = 1.0;          // weight of per-request evidence in the two-model mix
-    double lr = 0.05;           // AdaGrad step size of the per-request predictor
+    double lr = 0.5;            // AdaGrad step size of the per-request predictor
     double l2 = 1e-4;           // L2 penalty of the per-request predictor
     double lambda0 = 1.0;       // AdaGrad prior precision
     double beta = 0.0;          // optimism bonus on the per-request prediction

@@ -25,7 +25,7 @@ TUNING = {
     "payback": 1000.0,
     "payback_min": 50.0,
     "tilt": 1.0,
-    "lr": 0.05,
+    "lr": 0.5,
     "l2": 1e-4,
     "lambda0": 1.0,
     "beta": 0.0,
