@@ -1136,6 +1136,24 @@ class ReferenceRouter:
         grow = 1.0 + _max(0.0, var - vk) / (N * ub * (1.0 - rho * ub) / rho)
         return w, grow
 
+    @staticmethod
+    def _cheapest_gain(e: Estimates, te: float) -> int:
+        """The model whose optimistic accuracy beats te at the lowest normalised cost per unit of
+        accuracy above te (cheapest_gain), or -1."""
+        best = -1
+        for k in range(len(e.ucb)):
+            g = e.ucb[k] - te
+            if not g > 0.0:
+                continue
+            if best < 0:
+                best = k
+                continue
+            gb = e.ucb[best] - te
+            lhs, rhs = g * e.cnorm[best], gb * e.cnorm[k]
+            if lhs > rhs or (lhs == rhs and g > gb):
+                best = k
+        return best
+
     def _most_accurate(self, e: Estimates, cost_weight: float) -> int:
         """Largest optimistic accuracy, a unit of normalised cost worth cost_weight of it."""
         best = 0
@@ -1162,8 +1180,9 @@ class ReferenceRouter:
     def _plan(self, e: Estimates, d: Dual) -> Plan:
         """What the dual state decides for every request until it changes (plan_locked).
 
-        1. Safety valve, or a target no model could reach even optimistically: serve the model
-           most likely to be the most accurate; with probability eps try one that could be better.
+        1. Safety valve: serve the model that buys satisfaction above the target most cheaply
+           (optimistically); a target no model could reach even optimistically: the model most
+           likely to be the most accurate. With probability eps try one that could be better.
         2. A target the cheapest frontier model reaches: serve it.
         3. Otherwise the optimistic frontier picks the cheapest pair (i, j) that could reach the
            target; cautious (lower-bound) accuracies set the weight of j.
@@ -1174,8 +1193,10 @@ class ReferenceRouter:
         if d.valve or te >= e.ucb[h[-1]]:
             p.regime = SERVE_BEST
             p.valve = d.valve
-            # Past the valve the deficit must be repaid: accuracy alone decides.
-            p.model = self._most_accurate(e, 0.0 if d.valve else self.top_cost)
+            # Past the valve the deficit must be repaid: buy the satisfaction above the target
+            # where it is cheapest; if no model could beat the target, accuracy alone decides.
+            buy = self._cheapest_gain(e, te) if d.valve else -1
+            p.model = buy if buy >= 0 else self._most_accurate(e, 0.0 if d.valve else self.top_cost)
             p.eps = d.eps
             # Candidates' bounds widen as the other models gather evidence (z^2 + 2 ln(n_all / n_k)).
             m0 = self.prior_weight / e.rho

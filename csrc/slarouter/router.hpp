@@ -1238,6 +1238,25 @@ private:
         return hull;
     }
 
+    // The model whose optimistic accuracy beats the target te at the lowest normalised cost per
+    // unit of accuracy above te (a free model first, then the larger gain; ties: lower index),
+    // or -1 if none beats it.
+    static int cheapest_gain(const Estimates& e, double te) {
+        int best = -1;
+        for (int k = 0; k < static_cast<int>(e.ucb.size()); ++k) {
+            const double g = e.ucb[k] - te;
+            if (!(g > 0.0)) continue;
+            if (best < 0) {
+                best = k;
+                continue;
+            }
+            const double gb = e.ucb[best] - te;
+            const double lhs = g * e.cnorm[best], rhs = gb * e.cnorm[k];
+            if (lhs > rhs || (lhs == rhs && g > gb)) best = k;
+        }
+        return best;
+    }
+
     // The model to serve when no mix can reach the target: the largest optimistic accuracy,
     // a unit of normalised cost being worth cost_weight of accuracy (ties: cheaper, lower index).
     int most_accurate(const Estimates& e, double cost_weight) const {
@@ -1255,8 +1274,9 @@ private:
 
     // The per-request decision, given the estimates of the dual state and two uniform draws.
     // Steps (docs/algorithm.md, "Decision"):
-    //  1. Safety valve, or a target no model could reach even optimistically: serve the model
-    //     most likely to be the most accurate; with probability eps try one that could be better.
+    //  1. Safety valve: serve the model that buys satisfaction above the target most cheaply
+    //     (optimistically); a target no model could reach even optimistically: the model most
+    //     likely to be the most accurate. With probability eps try one that could be better.
     //  2. Otherwise the optimistic frontier picks the cheapest pair (i, j) that could reach the
     //     target; cautious (lower-bound) accuracies set the weight of j.
     //  3. Per-request evidence (the predictor, a per-request cost estimate) tilts that weight.
@@ -1283,8 +1303,10 @@ public:
         const std::vector<int>& h = e.hull;
         if (d.valve || te >= e.ucb[h.back()]) {
             p.regime = Plan::kServeBest;
-            // Past the valve the deficit must be repaid: accuracy alone decides.
-            p.model = most_accurate(e, d.valve ? 0.0 : cfg_.top_cost);
+            // Past the valve the deficit must be repaid: buy the satisfaction above the target
+            // where it is cheapest; if no model could beat the target, accuracy alone decides.
+            const int buy = d.valve ? cheapest_gain(e, te) : -1;
+            p.model = buy >= 0 ? buy : most_accurate(e, d.valve ? 0.0 : cfg_.top_cost);
             p.eps = d.eps;
             // Candidates: models that could be better than the one served. Their bound widens
             // as the others gather evidence (z^2 + 2 ln(n_all / n_k), as in UCB1), so that a
