@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from slarouter import DuplicateFeedbackError, Router, UnknownRequestError, _core, _defaults
-from reference import (APPLIED, CLOSED, DUPLICATE, STATE_LAYOUT, UNKNOWN, ReferenceRouter, hash_text, parse_state,
-                       splitmix64_next, uniform01)
+from reference import (APPLIED, CLOSED, DUPLICATE, STATE_LAYOUT, UNKNOWN, Estimates, ReferenceRouter, hash_text,
+                       parse_state, splitmix64_next, uniform01)
 
 VOCAB = ["the", "The", "cat", "DOG", "runs", "x_1", "42", "why", "How", "a", "b", "naïve", "é", "数学",
          "日本語", "Ünïcode", "end_", "Z"]
@@ -325,6 +325,21 @@ def test_frontier_edge_cases(models, expected):
     assert e["accuracy_ucb"] == [m[2] for m in models]
     assert e["frontier"] == expected
     assert_estimates_agree(e, ReferenceRouter(router.config).estimates())
+
+
+def test_valve_buys_satisfaction_where_it_is_cheapest():
+    """Past the valve the served model is the one whose optimistic accuracy beats the target at the
+    lowest normalised cost per unit of accuracy above it (the engine makes the same choice: the
+    reference tests above compare every decision)."""
+    e = Estimates()
+    e.ucb = [0.6, 0.92, 1.25]           # c is untried: its bound is above 1
+    e.cnorm = [1 / 60, 2 / 60, 1.0]
+    pick = ReferenceRouter._cheapest_gain
+    assert pick(e, 0.85) == 1           # b: (2/60) / 0.07 per unit, c: 1 / 0.40
+    assert pick(e, 0.95) == 2           # only c could beat the target
+    assert pick(e, 1.30) == -1          # none could: the most accurate is served instead
+    e.ucb, e.cnorm = [0.9, 0.92, 1.25], [0.0, 2 / 60, 1.0]
+    assert pick(e, 0.85) == 0           # a free model that beats the target comes first
 
 
 @pytest.mark.parametrize("dim", [9, 16, 21, 40])
