@@ -39,3 +39,27 @@ def test_larger_batches_change_the_runs_but_keep_the_stream(data_dir, tmp_path, 
 def test_batch_must_be_positive(data_dir, capsys):
     with pytest.raises(SystemExit, match="--batch must be >= 1"):
         main(["replay", str(data_dir / "llama3-zoo"), *ARGS, "--batch", "0"])
+
+
+def test_tuning_overrides_reach_the_router(data_dir, tmp_path, capsys):
+    """`--tuning` sets engine constants for policy slarouter (to measure them); the default runs are
+    those of the defaults spelled out."""
+    default = _runs(data_dir, tmp_path, capsys)
+    assert _runs(data_dir, tmp_path, capsys, "--tuning", '{"payback": 1000}') == default
+    assert _runs(data_dir, tmp_path, capsys, "--tuning", '{"payback": 100}') != default
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"paybak": 3}', "unknown tuning constant 'paybak'"),
+    ('{"payback": -1}', "tuning\\['payback'\\] must be in"),
+])
+def test_bad_tuning_is_refused_before_any_run(data_dir, text, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["replay", str(data_dir / "llama3-zoo"), *ARGS, "--tuning", text])
+
+
+@pytest.mark.parametrize("text", ["payback=3", "[1, 2]"])
+def test_tuning_must_be_a_json_object(data_dir, text, capsys):
+    with pytest.raises(SystemExit):
+        main(["replay", str(data_dir / "llama3-zoo"), *ARGS, "--tuning", text])
+    assert "--tuning" in capsys.readouterr().err

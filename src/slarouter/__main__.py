@@ -42,6 +42,16 @@ def _unit(text: str) -> float:
     return v
 
 
+def _tuning(text: str) -> Dict[str, float]:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"payback\": 300}}', got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slarouter", description="SLA-constrained LLM routing from complaints")
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the router routes this many requests at a time (route_batch's phases: one dual state "
                         "per batch; feedback due within a batch waits for the next); default: route() per request")
     r.add_argument("--max-delay", type=int, default=200, dest="max_delay", help="largest feedback delay")
+    r.add_argument("--tuning", type=_tuning, default=None,
+                   help="overrides of the engine constants for policy slarouter, as a JSON object, e.g. "
+                        "'{\"payback\": 300}' (keys and ranges: slarouter._defaults.TUNING, TUNING_RANGE); for "
+                        "measuring a constant, not for use: the defaults are the configuration")
     r.add_argument("--json", default=None, help="write every run to this JSON file")
     r.add_argument("--plot", default=None, help="write a PNG figure (needs matplotlib)")
     r.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to use")
@@ -100,7 +114,7 @@ def _run_job(job: dict) -> Tuple[List[dict], Optional[dict]]:
         for j, rho in enumerate(job["rates"]):
             ctx = RunContext(ds, stream, alpha, rho, confidence=job["confidence"], audit_rate=job["audit_rate"],
                              withhold_report_rate=job["audit_rate"] > 0, batch=job["batch"], features=_FEAT,
-                             list_cost=ds.cost.mean(axis=0))
+                             list_cost=ds.cost.mean(axis=0), tuning=job["tuning"])
             want = bool(job.get("trace")) and i == 0 and j == 0
             if want:
                 traces = {"benchmark": job["benchmark"], "protocol": job["protocol"], "seed": job["seed"],
@@ -200,6 +214,13 @@ def run_replay(args: argparse.Namespace) -> dict:
         raise SystemExit("--batch must be >= 1")
     if not 0.0 <= args.audit_rate <= 1.0:
         raise SystemExit("--audit-rate must be in [0, 1]")
+    if args.tuning is not None:
+        from ._router import Router
+
+        try:  # the router's own checks, before any work
+            Router([(m, 1.0) for m in ds.models], 0.5, report_rate=0.5, tuning=args.tuning)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"slarouter replay: --tuning: {e}") from None
     jobs = []
     for b in benchmarks:
         alphas = args.alpha or ds.sla_levels(b)
@@ -208,7 +229,7 @@ def run_replay(args: argparse.Namespace) -> dict:
                 jobs.append(dict(benchmark=b, protocol=proto, seed=seed, requests=args.requests, alphas=alphas,
                                  rates=args.report_rate, policies=policies, confidence=args.confidence,
                                  audit_rate=args.audit_rate, batch=args.batch or 0, max_delay=args.max_delay,
-                                 trace=not jobs))
+                                 tuning=args.tuning, trace=not jobs))
     runs: List[dict] = []
     traces: Optional[dict] = None
     start = time.time()
@@ -239,7 +260,10 @@ def run_replay(args: argparse.Namespace) -> dict:
         if traces is not None:
             order = [p for p in requested if p in traces["policies"]]
             traces["policies"] = {p: traces["policies"][p] for p in order}
-    return {"dataset": ds.name, "runs": runs, "traces": traces}
+    result = {"dataset": ds.name, "runs": runs, "traces": traces}
+    if args.tuning is not None:
+        result["tuning"] = args.tuning
+    return result
 
 
 def summarize(runs: Sequence[dict]) -> Dict[tuple, dict]:

@@ -127,6 +127,7 @@ class RunContext:
     batch: int = 0  # slarouter only: 0 routes each request with route(), B >= 1 batches of B
     features: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
     list_cost: Optional[np.ndarray] = None  # what a user would configure: mean cost per model
+    tuning: Optional[Dict[str, float]] = None  # slarouter only: overrides of the engine constants
     extra: Dict[str, object] = field(default_factory=dict)
 
     def complaints_of(self, model: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -149,6 +150,7 @@ def policy_slarouter(ctx: RunContext) -> Tuple[np.ndarray, Optional[np.ndarray]]
         report_rate=None if ctx.withhold_report_rate else ctx.report_rate,
         confidence=ctx.confidence,
         seed=ctx.stream.seed,
+        tuning=ctx.tuning,
     )
     s = ctx.stream
     model, _, _ = router._replay(
