@@ -451,6 +451,7 @@ public:
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
         tmp.set_logit_cache();
+        tmp.set_explore_cache();
         std::lock_guard<std::mutex> lock(mu_);
         swap_state(tmp);
     }
@@ -466,6 +467,24 @@ private:
     void set_logit_cache() {
         logit_cache_.resize(acc_cache_.size());
         for (std::size_t k = 0; k < acc_cache_.size(); ++k) logit_cache_[k] = logit(acc_cache_[k]);
+    }
+
+    // The exploration floor's bound of every model for the estimates in use: its optimistic
+    // accuracy, widened as the other models gather evidence (z^2 + 2 ln(n_all / n_k), as in UCB1),
+    // so that a model whose early sample was unlucky is tried again (docs/algorithm.md, section 6).
+    // Computed once per refresh: plan_locked runs for every request.
+    void set_explore_cache() {
+        const Estimates& e = est_;
+        const int K = static_cast<int>(e.ucb.size());
+        explore_cache_.assign(K, 0.0);
+        if (K == 0) return;
+        const double m0 = cfg_.prior_weight / e.rho;
+        double nall = m0;
+        for (int k = 0; k < K; ++k) nall += e.exposure[k];
+        for (int k = 0; k < K; ++k) {
+            const double g = std::sqrt(cfg_.z_ucb * cfg_.z_ucb + 2.0 * std::log(nall / (e.exposure[k] + m0)));
+            explore_cache_[k] = e.ucb[k] + (g - cfg_.z_ucb) * e.sd[k];
+        }
     }
 
     void validate_loaded() const {
@@ -530,6 +549,7 @@ private:
         delay_hist_.swap(o.delay_hist_); weights_.swap(o.weights_); adagrad_.swap(o.adagrad_);
         acc_cache_.swap(o.acc_cache_);
         logit_cache_.swap(o.logit_cache_);
+        explore_cache_.swap(o.explore_cache_);
         std::swap(next_refresh_, o.next_refresh_);
         std::swap(closed_upto_, o.closed_upto_);
         std::swap(est_, o.est_);
@@ -670,6 +690,7 @@ private:
             refresh_locked(est_);
             acc_cache_ = est_.acc;
             set_logit_cache();
+            set_explore_cache();
             next_refresh_ = t_ + cfg_.refresh;
         }
     }
@@ -1308,17 +1329,10 @@ public:
             const int buy = d.valve ? cheapest_gain(e, te) : -1;
             p.model = buy >= 0 ? buy : most_accurate(e, d.valve ? 0.0 : cfg_.top_cost);
             p.eps = d.eps;
-            // Candidates: models that could be better than the one served. Their bound widens
-            // as the others gather evidence (z^2 + 2 ln(n_all / n_k), as in UCB1), so that a
-            // model whose early sample was unlucky is tried again (docs/algorithm.md, section 6).
-            const double m0 = cfg_.prior_weight / e.rho;
-            double nall = m0;
-            for (int k = 0; k < K; ++k) nall += e.exposure[k];
-            for (int k = 0; k < K; ++k) {
-                if (k == p.model) continue;
-                const double g = std::sqrt(cfg_.z_ucb * cfg_.z_ucb + 2.0 * std::log(nall / (e.exposure[k] + m0)));
-                if (e.ucb[k] + (g - cfg_.z_ucb) * e.sd[k] > e.acc[p.model]) p.cand[p.ncand++] = k;
-            }
+            // Candidates: models that could be better than the one served, by the floor's widened
+            // bound (set_explore_cache; e is always est_, the estimates in use).
+            for (int k = 0; k < K; ++k)
+                if (k != p.model && explore_cache_[k] > e.acc[p.model]) p.cand[p.ncand++] = k;
             return p;
         }
         if (te <= e.ucb[h.front()]) {
@@ -1418,6 +1432,7 @@ private:
     std::vector<float> weights_, adagrad_;
     std::vector<double> acc_cache_;
     std::vector<double> logit_cache_;  // logit(acc_cache_), not serialised
+    std::vector<double> explore_cache_;  // the floor's widened bounds for est_ (set_explore_cache), not serialised
     // Buffers of refresh_locked, kept between calls (under the lock) to spare allocations.
     struct RefreshScratch {
         std::vector<double> rate, cum, expo, Fb[3], n3[3];
