@@ -274,8 +274,6 @@ def test_unknown_report_rate_is_min_report_rate_until_the_first_audit():
     assert withheld.stats()["report_rate"] != 0.2
 
 
-
-
 def test_a_model_with_an_unlucky_start_is_tried_again():
     """Model "b" (satisfaction 0.55) draws a bad start: only one in four of its first 48 requests
     is satisfied. Its upper bound then falls below the estimate of the cheap "a" (0.40, too low
