@@ -579,6 +579,36 @@ PYBIND11_MODULE(_core, m) {
         .def("batch_abort", &PyRouter::batch_abort_py)
         .def_static("uniform_draw", &Router::draw, py::arg("state"), py::arg("i"))
         .def("estimates", [](const PyRouter& r) { return estimates_dict(r.estimates()); })
+        .def("share",
+             [](const PyRouter& r) {
+                 const Peers p = r.share();
+                 py::dict d;
+                 d["requests"] = p.n;
+                 d["unsatisfied"] = p.unsat;
+                 d["variance"] = p.var;
+                 d["exposure"] = py::make_tuple(p.exposure[0], p.exposure[1], p.exposure[2]);
+                 d["complaints"] = p.complaints;
+                 d["audits"] = p.audits;
+                 d["audits_satisfied"] = p.audits_sat;
+                 return d;
+             })
+        .def("set_peers",
+             [](PyRouter& r, double n, double unsat, double var, std::vector<std::vector<double>> exposure,
+                std::vector<double> complaints, std::vector<double> audits, std::vector<double> audits_sat) {
+                 Peers p;
+                 p.n = n;
+                 p.unsat = unsat;
+                 p.var = var;
+                 if (exposure.size() != 3) throw std::invalid_argument("peers: exposure must hold three per-model lists");
+                 for (int i = 0; i < 3; ++i) p.exposure[i] = std::move(exposure[i]);
+                 p.complaints = std::move(complaints);
+                 p.audits = std::move(audits);
+                 p.audits_sat = std::move(audits_sat);
+                 py::gil_scoped_release nogil;
+                 r.set_peers(p);
+             },
+             py::arg("requests"), py::arg("unsatisfied"), py::arg("variance"), py::arg("exposure"),
+             py::arg("complaints"), py::arg("audits"), py::arg("audits_satisfied"))
         .def("counters",
              [](const PyRouter& r) {
                  const auto c = r.counters();

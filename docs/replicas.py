@@ -1,18 +1,25 @@
-"""What independent replicas cost: the long protocol with its stream split over R routers.
+"""What replicas cost: the long protocol with its stream split over R routers.
 
 A service that runs R server replicas, each with its own Router, serves every R-th request of the
-stream on each (round robin). Every replica keeps the SLA on its own share of the traffic, so the
-whole stream keeps it too; but each replica learns from a R-th of the complaints and certifies its
-own, shorter stream, so it pays a wider margin. This script measures that price: for R = 1, 2, 4,
-8 it replays the long protocol (docs/replay.md) with the stream dealt round robin to R routers
-(default configuration; replica r of seed s is seeded s + 1000 r, so that R = 1 is the replay
-itself), a complaint delayed by d requests of the stream arriving after d // R requests of its
-replica, and reports, per report rate, the share of runs whose whole stream met the SLA and the
-mean cost / B_cert of the whole stream.
+stream on each (round robin). Independent replicas each aim at the SLA on their own share of the
+traffic (if every one meets it, the whole stream does), but each learns from a R-th of the
+complaints and certifies its own, shorter stream, so it pays a wider margin. This script measures
+that price: for R = 1, 2, 4, 8 it replays the long protocol (docs/replay.md) with the stream dealt
+round robin to R routers (default configuration; replica r of seed s is seeded s + 1000 r, so that
+R = 1 is the replay itself), a complaint delayed by d requests of the stream arriving after
+d // R requests of its replica (independent replicas run natively, replica by replica), and
+reports, per report rate, the share of runs whose whole stream met the SLA and the mean cost /
+B_cert of the whole stream.
+
+With ``--share K`` the replicas share their evidence every K requests of the stream: before
+request t (t a multiple of K) every replica publishes ``share()`` and receives the others' through
+``set_peers()`` (docs/api.md, "Several processes or replicas"), as a deployment would through a
+key-value store; the replicas then run request by request in Python, and a complaint delayed by d
+requests arrives d requests of the stream later. Without it (K = 0) they are independent.
 
 Usage (from the repository root, slarouter importable):
 
-    python docs/replicas.py ../shared/data/llama3-zoo [--seeds 0-4] [--replicas 1 2 4 8]
+    python docs/replicas.py ../shared/data/llama3-zoo [--seeds 0-4] [--replicas 1 2 4 8] [--share K]
 """
 import argparse
 import sys
@@ -30,11 +37,29 @@ def parse_seeds(text):
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-def run(ds, feats, bench, alpha, rho, seed, R):
-    """(satisfaction, cost per request) of the whole stream served by R independent routers."""
+def run(ds, feats, bench, alpha, rho, seed, R, share=0):
+    """(satisfaction, cost per request) of the whole stream served by R routers, sharing their
+    evidence every ``share`` requests (0: independent)."""
     s = make_stream(ds, bench, "long", seed)
     models = [(m, float(c)) for m, c in zip(ds.models, ds.cost.mean(axis=0))]
     served = np.empty(len(s), dtype=np.int64)
+    if share and R > 1:
+        routers = [Router(models, alpha, report_rate=rho, seed=seed + 1000 * r) for r in range(R)]
+        due = {}
+        for t in range(len(s)):
+            for r, rid in due.pop(t, ()):
+                routers[r].complain(rid)
+            if t % share == 0:
+                shares = [router.share() for router in routers]
+                for r, router in enumerate(routers):
+                    router.set_peers(shares[:r] + shares[r + 1:])
+            r = t % R
+            d = routers[r].route(ds.prompts[s.rows[t]])
+            served[t] = d.index
+            if not s.u_sat[t] < ds.sat[s.rows[t], d.index] and s.u_report[t] < rho:
+                due.setdefault(t + 1 + int(s.delay[t]), []).append((r, d.request_id))
+        sat = s.u_sat < ds.sat[s.rows, served]
+        return float(sat.mean()), float(ds.cost[s.rows, served].mean())
     for r in range(R):
         part = slice(r, None, R)
         router = Router(models, alpha, report_rate=rho, seed=seed + 1000 * r)
@@ -51,9 +76,12 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--report-rate", type=float, nargs="+", default=[0.1, 0.3, 1.0])
+    ap.add_argument("--share", type=int, default=0, help="share evidence every K requests (0: never)")
     args = ap.parse_args(argv)
     if any(R < 1 for R in args.replicas):
         ap.error("--replicas must be positive")
+    if args.share < 0:
+        ap.error("--share must be >= 0")
     start = time.time()
     ds = load_dataset(args.dataset)
     feats = hashed_features(ds)
@@ -66,10 +94,11 @@ def main(argv=None):
                 _, b_cert = reference_costs(ds, bench, alpha, rho, 20_000)
                 for seed in seeds:
                     for R in args.replicas:
-                        sat, cost = run(ds, feats, bench, alpha, rho, seed, R)
+                        sat, cost = run(ds, feats, bench, alpha, rho, seed, R, args.share)
                         met.setdefault((rho, R), []).append(sat >= alpha)
                         ratio.setdefault((rho, R), []).append(cost / b_cert)
-    print(f"{ds.name}, long protocol, seeds {args.seeds}: SLA met on the whole stream, mean cost / B_cert")
+    how = f"sharing evidence every {args.share} requests" if args.share else "independent"
+    print(f"{ds.name}, long protocol, seeds {args.seeds}, {how}: SLA met on the whole stream, mean cost / B_cert")
     print("| replicas | " + " | ".join(f"rho {rho}" for rho in args.report_rate) + " |")
     print("|---|" + "---|" * len(args.report_rate))
     for R in args.replicas:

@@ -274,6 +274,11 @@ STATE_LAYOUT: List[Tuple[str, Any]] = [
     ("est.n", "q"), ("est.complaints", "q"),
     ("est.acc", np.float64), ("est.sd", np.float64), ("est.lcb", np.float64), ("est.ucb", np.float64),
     ("est.cnorm", np.float64), ("est.cmean", np.float64), ("est.exposure", np.float64), ("est.hull", np.int32),
+    # The peers' evidence (Router::set_peers; format version 3). The reference models a router
+    # without peers: zeros and empty vectors.
+    ("peers.n", "d"), ("peers.unsat", "d"), ("peers.var", "d"),
+    ("peers.exposure_point", np.float64), ("peers.exposure_flat", np.float64), ("peers.exposure_none", np.float64),
+    ("peers.complaints", np.float64), ("peers.audits", np.float64), ("peers.audits_sat", np.float64),
 ]
 
 
@@ -751,6 +756,9 @@ class ReferenceRouter:
                 "rho", "unsat", "var", "margin", "tau", "deficit", "tau_eff", "payback", "rho_false",
                 "complaint_weight", "n",
                 "complaints", "acc", "sd", "lcb", "ucb", "cnorm", "cmean", "exposure", "hull")},
+            **{name: 0.0 for name in ("peers.n", "peers.unsat", "peers.var")},
+            **{f"peers.{name}": [] for name in ("exposure_point", "exposure_flat", "exposure_none", "complaints",
+                                                "audits", "audits_sat")},
         }
         out = []
         for name, kind in STATE_LAYOUT:

@@ -51,3 +51,208 @@ def test_bad_replica_count_is_refused(replicas, data_dir, capsys):
     with pytest.raises(SystemExit):
         replicas.main([str(data_dir / "routellm-mmlu-gsm8k"), "--replicas", "0"])
     assert "--replicas must be positive" in capsys.readouterr().err
+
+
+# --- replicas sharing one SLA: Router.share() and Router.set_peers() ---------------------------
+
+import json
+import struct
+import zlib
+
+import slarouter
+from slarouter import Router
+
+MODELS = [("small", 1.0), ("mid", 4.0), ("large", 20.0)]
+
+
+def _router(seed=0, sla=0.8, report_rate=0.3):
+    return Router(MODELS, sla, report_rate=report_rate, seed=seed)
+
+
+def _drive(router, n, start=0, complain_every=4):
+    out = []
+    for i in range(start, start + n):
+        d = router.route(f"question {i} about topic {i % 7}")
+        if i % complain_every == 0:
+            router.complain(d.request_id)
+        out.append(d.index)
+    return out
+
+
+def test_share_of_a_fresh_router_is_empty_and_json():
+    sh = _router().share()
+    assert sh["requests"] == 0 and sh["unsatisfied"] == 0
+    assert sh["complaints"] == [0.0, 0.0, 0.0]
+    assert sh["exposure"] == [[0.0] * 3] * 3
+    assert sh["models"] == ["small", "mid", "large"] and sh["sla"] == 0.8 and sh["report_rate"] == 0.3
+    assert json.loads(json.dumps(sh)) == sh
+
+
+def test_share_counts_this_routers_own_evidence():
+    r = _router()
+    _drive(r, 400)
+    sh = r.share()
+    st = r.stats()
+    assert sh["requests"] == 400
+    assert sh["complaints"] == [float(st["models"][m]["complaints"]) for m in ("small", "mid", "large")]
+    assert sh["unsatisfied"] == pytest.approx(400 * (1 - st["satisfaction"]))
+    assert all(0 <= e <= st["models"][m]["requests"] for e, m in zip(sh["exposure"][0], ("small", "mid", "large")))
+
+
+def test_no_peers_change_nothing():
+    a, b = _router(seed=3), _router(seed=3)
+    a.set_peers([])
+    assert _drive(a, 600) == _drive(b, 600)
+    assert a.to_bytes() == b.to_bytes()
+
+
+def test_peers_evidence_enters_the_accounting_and_the_accuracies():
+    peer = _router(seed=1)
+    _drive(peer, 2000, complain_every=2)  # a peer whose users complain about half the time
+    r = _router(seed=2)
+    _drive(r, 200, complain_every=50)
+    alone = r.stats()
+    r.set_peers([peer.share()])
+    shared = r.stats()
+    # The whole stream is far below the SLA: the deficit is the peer's too.
+    assert shared["deficit"] > alone["deficit"] + 500
+    # The peer's complaints make every model it served look worse.
+    served = [m for m, v in peer.stats()["models"].items() if v["requests"] > 100]
+    assert served
+    for m in served:
+        assert shared["models"][m]["accuracy"] < alone["models"][m]["accuracy"]
+
+
+def test_peers_are_replaced_not_added():
+    peer = _router(seed=1)
+    _drive(peer, 500)
+    r = _router(seed=2)
+    _drive(r, 100)
+    r.set_peers([peer.share()])
+    once = r.stats()["deficit"]
+    r.set_peers([peer.share()])
+    assert r.stats()["deficit"] == pytest.approx(once)
+
+
+def _bad_shares(sh):
+    cut = {k: v for k, v in sh.items() if k != "audits"}
+    return [
+        ("lacks", [cut]),
+        ("models", [dict(sh, models=["small", "mid", "huge"])]),
+        ("sla", [dict(sh, sla=0.7)]),
+        ("report_rate", [dict(sh, report_rate=0.5)]),
+        ("finite", [dict(sh, requests=float("nan"))]),
+        (">= 0", [dict(sh, variance=-1.0)]),
+        ("more unsatisfied", [dict(sh, unsatisfied=sh["requests"] + 1)]),
+        ("one count per model", [dict(sh, complaints=[1.0, 2.0])]),
+        ("finite counts", [dict(sh, audits=[0.0, -1.0, 0.0])]),
+        ("three per-model lists", [dict(sh, exposure=sh["exposure"][:2])]),
+        ("more satisfied audits", [dict(sh, audits_satisfied=[1.0, 0.0, 0.0])]),
+        ("must be a share", [sh, 3]),
+    ]
+
+
+def test_bad_shares_are_refused_and_change_nothing():
+    peer = _router(seed=1)
+    _drive(peer, 300)
+    sh = peer.share()
+    r = _router(seed=2)
+    _drive(r, 100)
+    r.set_peers([sh])
+    before = r.to_bytes()
+    for what, shares in _bad_shares(sh):
+        with pytest.raises((ValueError, TypeError), match=what):
+            r.set_peers(shares)
+        assert r.to_bytes() == before, what
+    with pytest.raises(TypeError, match="iterable of share"):
+        r.set_peers(sh)  # one dict, not a list of them
+    assert r.to_bytes() == before
+
+
+def test_sharing_needs_a_configured_report_rate():
+    r = Router(MODELS, 0.8)
+    with pytest.raises(ValueError, match="configured report_rate"):
+        r.set_peers([])
+
+
+def test_peers_survive_save_and_load(tmp_path):
+    peer = _router(seed=1)
+    _drive(peer, 700)
+    r = _router(seed=2)
+    _drive(r, 300)
+    r.set_peers([peer.share()])
+    r.save(tmp_path / "r.slr")
+    loaded = Router.load(tmp_path / "r.slr")
+    assert _drive(loaded, 500, start=300) == _drive(r, 500, start=300)
+    assert loaded.to_bytes() == r.to_bytes()
+
+
+def test_version_2_state_files_still_load():
+    # A version-2 file is the version-3 state of a router without peers, less the peers' record
+    # (three doubles and six empty vectors).
+    r = _router(seed=4)
+    _drive(r, 300)
+    data = r.to_bytes()
+    head = struct.Struct("<8sII")
+    magic, version, clen = head.unpack_from(data, 0)
+    assert version == 3
+    payload = data[head.size + clen: len(data) - 12][: -(3 * 8 + 6 * 8)]
+    old = head.pack(magic, 2, clen) + data[head.size: head.size + clen] + payload
+    old += struct.pack("<QI", len(payload), zlib.crc32(old) & 0xFFFFFFFF)
+    loaded = Router.from_bytes(old)
+    assert _drive(loaded, 200, start=300) == _drive(r, 200, start=300)
+
+
+def test_a_corrupt_peers_record_is_refused():
+    peer = _router(seed=1)
+    _drive(peer, 100)
+    r = _router(seed=2)
+    r.set_peers([peer.share()])
+    data = bytearray(r.to_bytes())
+    head = struct.Struct("<8sII")
+    _, _, clen = head.unpack_from(data, 0)
+    end = len(data) - 12
+    # The peers' record ends with six per-model vectors of 3 doubles (8 + 24 bytes each); make
+    # the request count negative (the first double of the record).
+    start = end - (3 * 8 + 6 * (8 + 24))
+    data[start:start + 8] = struct.pack("<d", -5.0)
+    body = bytes(data[:end])
+    fixed = body[: len(body)] + struct.pack("<QI", len(body) - head.size - clen, zlib.crc32(body) & 0xFFFFFFFF)
+    with pytest.raises(slarouter.StateFileError, match="peers"):
+        Router.from_bytes(fixed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sharing_replicas_pay_one_margin_not_four(replicas, routellm, seed):
+    # Four independent replicas each certify a quarter of the stream and over-deliver; sharing
+    # every 100 requests certifies the whole stream once: cheaper, and the SLA still met.
+    ds, feats = routellm
+    alone = replicas.run(ds, feats, "gsm8k", 0.769, 0.3, seed, 4, 0)
+    shared = replicas.run(ds, feats, "gsm8k", 0.769, 0.3, seed, 4, 100)
+    assert shared[0] >= 0.769
+    assert shared[1] < 0.9 * alone[1]
+    assert shared[0] < alone[0]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numba"])
+def test_batches_use_the_peers_evidence_as_route_does(backend):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 8)).astype(np.float32)
+    peer = Router(MODELS, 0.8, report_rate=0.3, features=8, seed=1)
+    for i in range(800):
+        d = peer.route(rng.standard_normal(8).astype(np.float32))
+        if i % 3 == 0:
+            peer.complain(d.request_id)
+    a = Router(MODELS, 0.8, report_rate=0.3, features=8, seed=2)
+    b = Router(MODELS, 0.8, report_rate=0.3, features=8, seed=2)
+    for r in (a, b):
+        r.set_peers([peer.share()])
+    one = [a.route(x).index for x in X]
+    batched = [int(b.route_batch(X[i:i + 1], backend=backend)[1][0]) for i in range(len(X))]
+    assert one == batched
+
+
+def test_cli_refuses_a_negative_share(replicas, data_dir, capsys):
+    with pytest.raises(SystemExit):
+        replicas.main([str(data_dir / "routellm-mmlu-gsm8k"), "--share", "-1"])
+    assert "--share must be >= 0" in capsys.readouterr().err

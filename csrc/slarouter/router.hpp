@@ -90,6 +90,7 @@ struct Estimates {
     std::vector<int> hull;  // optimistic frontier on (cnorm, ucb), cheapest first
     double unsat = 0.0, var = 0.0, margin = 0.0, tau = 0.0, deficit = 0.0, tau_eff = 0.0;
     double payback = 1.0;         // deficit payback horizon H
+    double var_own = 0.0;         // this router's own part of var (before the peers and the walk; not saved)
     double rho_false = 0.0;       // false-complaint rate in use
     double complaint_weight = 1.0;  // scales 1 / (rho - rho_false) per complaint (1 when rho is known)
     std::int64_t n = 0;           // requests routed when computed
@@ -181,6 +182,16 @@ private:
     std::int64_t chunks_ = 0;
     std::vector<int> slot_;                  // chunk x model: index of the model's sums in the chunk's store, or -1
     std::vector<std::vector<float>> store_;  // chunk: the sums of the models it has, d each
+};
+
+// The evidence of the other replicas that share a router's SLA (Router::set_peers): their request
+// count, estimated unsatisfied count and its variance, and per model the exposures under the
+// three delay tails (point, flat, none), complaints, audits and satisfied audits. Sums over the
+// peers; empty per-model vectors: no peers.
+struct Peers {
+    double n = 0.0, unsat = 0.0, var = 0.0;
+    std::vector<double> exposure[3], complaints, audits, audits_sat;
+    bool models() const { return !complaints.empty(); }
 };
 
 class Router {
@@ -338,6 +349,56 @@ public:
         return kApplied;
     }
 
+    // ---- replicas sharing one SLA (docs/algorithm.md, section 12) ---------------------------
+    // This router's own evidence, as the other replicas' set_peers() sums it.
+    Peers share() const {
+        std::lock_guard<std::mutex> lock(mu_);
+        Estimates e;
+        refresh_locked(e, /*with_peers=*/false);
+        Peers p;
+        p.n = static_cast<double>(t_);
+        p.unsat = e.unsat;
+        p.var = e.var_own;
+        const RefreshScratch& sc = scratch_;
+        const bool reached = delays_reached();
+        p.exposure[0] = sc.n3[kTailDecay];
+        p.exposure[1] = sc.n3[reached ? kTailDecay : kTailFlat];
+        p.exposure[2] = sc.n3[reached ? kTailDecay : kTailNone];
+        const int K = cfg_.n_models;
+        p.complaints.resize(K); p.audits.resize(K); p.audits_sat.resize(K);
+        for (int k = 0; k < K; ++k) {
+            p.complaints[k] = static_cast<double>(complaints_[k]);
+            p.audits[k] = static_cast<double>(audits_[k]);
+            p.audits_sat[k] = static_cast<double>(audits_sat_[k]);
+        }
+        if (t_ == 0) for (auto& v : p.exposure) v.assign(K, 0.0);
+        return p;
+    }
+
+    // Replaces the peers' evidence (the sum over the other replicas of their share()) and
+    // recomputes the estimates, so that the next decision uses it. Checked first: a bad value
+    // changes nothing.
+    void set_peers(const Peers& p) {
+        const int K = cfg_.n_models;
+        auto bad = [](double v) { return !std::isfinite(v) || v < 0.0; };
+        if (bad(p.n) || bad(p.unsat) || bad(p.var)) throw std::invalid_argument("peers: requests, unsatisfied and variance must be finite and >= 0");
+        if (p.unsat > p.n) throw std::invalid_argument("peers: more unsatisfied requests than requests");
+        const std::size_t want = p.models() ? static_cast<std::size_t>(K) : 0;
+        for (const auto* v : {&p.exposure[0], &p.exposure[1], &p.exposure[2], &p.complaints, &p.audits, &p.audits_sat}) {
+            if (v->size() != want) throw std::invalid_argument("peers: per-model evidence must have one entry per model");
+            for (double x : *v) if (bad(x)) throw std::invalid_argument("peers: per-model evidence must be finite and >= 0");
+        }
+        for (std::size_t k = 0; k < want; ++k)
+            if (p.audits_sat[k] > p.audits[k]) throw std::invalid_argument("peers: more satisfied audits than audits");
+        if (!(cfg_.rho > 0.0)) throw std::invalid_argument("peers: sharing evidence needs a configured report rate");
+        std::lock_guard<std::mutex> lock(mu_);
+        peers_ = p;
+        refresh_locked(est_);
+        acc_cache_ = est_.acc;
+        set_logit_cache();
+        set_explore_cache();
+    }
+
     // ---- introspection --------------------------------------------------------------------
     // Fresh estimates from the current state (does not change the state).
     Estimates estimates() const {
@@ -397,6 +458,11 @@ public:
         put(&e.complaints, sizeof e.complaints);
         put_vec(e.acc); put_vec(e.sd); put_vec(e.lcb); put_vec(e.ucb); put_vec(e.cnorm); put_vec(e.cmean);
         put_vec(e.exposure); put_vec(e.hull);
+        // The peers' evidence (format version 3; a version-2 state ends before it: no peers).
+        const Peers& pr = peers_;
+        for (double v : {pr.n, pr.unsat, pr.var}) put(&v, sizeof v);
+        put_vec(pr.exposure[0]); put_vec(pr.exposure[1]); put_vec(pr.exposure[2]);
+        put_vec(pr.complaints); put_vec(pr.audits); put_vec(pr.audits_sat);
         return out;
     }
 
@@ -448,6 +514,21 @@ public:
         };
         get_est(e.acc, true); get_est(e.sd, true); get_est(e.lcb, true); get_est(e.ucb, true);
         get_est(e.cnorm, true); get_est(e.cmean, true); get_est(e.exposure, true); get_est(e.hull, false);
+        if (pos != blob.size()) {
+            Peers& pr = tmp.peers_;
+            for (double* v : {&pr.n, &pr.unsat, &pr.var}) get(v, sizeof *v);
+            get_est(pr.exposure[0], true); get_est(pr.exposure[1], true); get_est(pr.exposure[2], true);
+            get_est(pr.complaints, true); get_est(pr.audits, true); get_est(pr.audits_sat, true);
+            const bool any = pr.models();
+            for (const auto* v : {&pr.exposure[0], &pr.exposure[1], &pr.exposure[2], &pr.audits, &pr.audits_sat})
+                if (v->empty() == any) throw std::invalid_argument("state is corrupt: incomplete peers' evidence");
+            for (const auto* v : {&pr.exposure[0], &pr.exposure[1], &pr.exposure[2], &pr.complaints, &pr.audits,
+                                  &pr.audits_sat})
+                for (double x : *v)
+                    if (!(std::isfinite(x) && x >= 0.0)) throw std::invalid_argument("state is corrupt: peers' evidence");
+            if (!(pr.n >= 0.0 && pr.unsat >= 0.0 && pr.var >= 0.0 && pr.unsat <= pr.n))
+                throw std::invalid_argument("state is corrupt: peers' counts");
+        }
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
         tmp.set_logit_cache();
@@ -553,6 +634,7 @@ private:
         std::swap(next_refresh_, o.next_refresh_);
         std::swap(closed_upto_, o.closed_upto_);
         std::swap(est_, o.est_);
+        std::swap(peers_, o.peers_);
     }
 
     void store_features(std::size_t s, const FeatureView& f) {
@@ -1029,7 +1111,11 @@ private:
         return (cum[b] + frac * (cum[b + 1] - cum[b])) / total;
     }
 
-    void refresh_locked(Estimates& e) const {
+    bool delays_reached() const {
+        return static_cast<double>(t_) - static_cast<double>(cfg_.bins - 1) * static_cast<double>(cfg_.bin_width()) > 0.0;
+    }
+
+    void refresh_locked(Estimates& e, bool with_peers = true) const {
         const int K = cfg_.n_models;
         const double N = static_cast<double>(t_);
         e.n = t_;
@@ -1037,7 +1123,7 @@ private:
         // The three differ only in bins no request has reached yet; once every bin has been
         // reached they coincide, and are computed once.
         const std::int64_t wb = cfg_.bin_width();
-        const bool reached = N - static_cast<double>(cfg_.bins - 1) * static_cast<double>(wb) > 0.0;
+        const bool reached = delays_reached();
         const int ntails = reached ? 1 : 3;
         RefreshScratch& sc = scratch_;
         sc.live.assign(nb_ring_, 0);
@@ -1075,7 +1161,8 @@ private:
         double rf = std::min(cfg_.rho_false, 0.5 * rho);
         e.rho = rho;
         double epend = 0.0, prem = 0.0, nexp = 0.0;
-        model_estimates(e, rho, rf, reached, &epend, &prem, &nexp);
+        const Peers* peers = with_peers && peers_.models() ? &peers_ : nullptr;
+        model_estimates(e, rho, rf, reached, &epend, &prem, &nexp, peers);
         // SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
         const double complaints = static_cast<double>(complaints_total_);
         e.unsat = std::min(N, std::max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend);
@@ -1109,18 +1196,24 @@ private:
         for (int k = 0; k < K; ++k) e.cnorm[k] = cmax > 0 ? e.cmean[k] / cmax : 0.0;
         double horizon = cfg_.payback / rho;
         if (grow != 1.0) horizon *= grow;
-        const double H = std::max(cfg_.payback_min, std::min(N, horizon));
+        // Replicas sharing one SLA: the count, its variance and the deficit are the whole
+        // stream's (this router's and its peers'); e.unsat stays this router's own.
+        e.var_own = e.var;
+        const double pn = with_peers ? peers_.n : 0.0, pu = with_peers ? peers_.unsat : 0.0;
+        if (with_peers) e.var += peers_.var;
+        const double Ng = N + pn, Ug = e.unsat + pu;
+        const double H = std::max(cfg_.payback_min, std::min(Ng, horizon));
         e.payback = H;
         // The margin covers what the count of unsatisfied requests does not know (above: how
         // many of them did not complain, how many pending ones will, and with the report rate
         // estimated, its error) and how far the queue, which is steered back to zero over H
         // requests, strays from zero meanwhile: an AR(1) walk whose steps have the variance of
         // 1/rho per unsatisfied request.
-        const double uq = (e.unsat + cfg_.unsat_prior * (1.0 - cfg_.alpha)) / (N + cfg_.unsat_prior);
+        const double uq = (Ug + cfg_.unsat_prior * (1.0 - cfg_.alpha)) / (Ng + cfg_.unsat_prior);
         e.var += H * uq * (1.0 - rho * uq) / (2.0 * rho);
-        e.margin = N > 0 ? cfg_.z * std::sqrt(e.var) / N : 1.0;
+        e.margin = Ng > 0 ? cfg_.z * std::sqrt(e.var) / Ng : 1.0;
         e.tau = std::min(1.0, cfg_.alpha + std::max(e.margin, 0.0));
-        e.deficit = e.unsat - (1.0 - e.tau) * N;
+        e.deficit = Ug - (1.0 - e.tau) * Ng;
         e.complaints = complaints_total_;
         e.tau_eff = e.tau + e.deficit / H;
         // Optimistic frontier: which models could be worth mixing.
@@ -1131,7 +1224,7 @@ private:
     // report rate rho; also the expected complaints still to come from pending requests (epend),
     // the pending requests' remaining share (prem) and the total exposure (nexp).
     void model_estimates(Estimates& e, double rho, double rf, bool reached, double* epend_out, double* prem_out,
-                         double* nexp_out) const {
+                         double* nexp_out, const Peers* peers = nullptr) const {
         const int K = cfg_.n_models;
         const RefreshScratch& sc = scratch_;
         const std::vector<double>& Fdecay = sc.Fb[kTailDecay];
@@ -1146,14 +1239,17 @@ private:
             const double p0 = std::isnan(cfg_.prior[k]) ? 0.5 : cfg_.prior[k];
             const double m0 = cfg_.prior_weight / rho;
             const double q0 = rho * (1.0 - p0) + rf * p0;
+            // The peers' evidence adds to this router's (their exposures under each delay tail).
+            const double pc = peers ? peers->complaints[k] : 0.0;
+            const double pa = peers ? peers->audits[k] : 0.0, pas = peers ? peers->audits_sat[k] : 0.0;
             auto estimate = [&](double n, double* var) {
-                const double c = static_cast<double>(complaints_[k]);
+                const double c = static_cast<double>(complaints_[k]) + pc;
                 const double q = std::min(std::max((c + m0 * q0) / (n + m0), 1e-9), 1.0 - 1e-9);
                 double a = (rho - q) / (rho - rf);
                 double v = q * (1.0 - q) / (n + m0) / ((rho - rf) * (rho - rf));
-                if (audits_[k] > 0) {
-                    const double na = static_cast<double>(audits_[k]);
-                    const double aa = (static_cast<double>(audits_sat_[k]) + 1.0) / (na + 2.0);
+                if (audits_[k] > 0 || pa > 0.0) {
+                    const double na = static_cast<double>(audits_[k]) + pa;
+                    const double aa = (static_cast<double>(audits_sat_[k]) + pas + 1.0) / (na + 2.0);
                     const double va = aa * (1.0 - aa) / (na + 2.0);
                     const double wc = 1.0 / std::max(v, 1e-12), wa = 1.0 / std::max(va, 1e-12);
                     a = (wc * a + wa * aa) / (wc + wa);
@@ -1162,13 +1258,17 @@ private:
                 *var = v;
                 return std::min(std::max(a, 0.0), 1.0);
             };
-            e.exposure[k] = n_decay[k];
             nexp += n_decay[k];
+            const double p0e = peers ? peers->exposure[0][k] : 0.0;
+            const double p1e = peers ? peers->exposure[1][k] : 0.0, p2e = peers ? peers->exposure[2][k] : 0.0;
+            e.exposure[k] = n_decay[k] + p0e;
+            // The three tails coincide once this router's and the peers' delays are known.
+            const bool same = reached && p1e == p0e && p2e == p0e;
             double var, var_lo, var_hi;
-            const double a = estimate(n_decay[k], &var);
-            const double a_lo = reached ? a : estimate(n_flat[k], &var_lo);
-            const double a_hi = reached ? a : estimate(n_none[k], &var_hi);
-            if (reached) var_lo = var_hi = var;
+            const double a = estimate(n_decay[k] + p0e, &var);
+            const double a_lo = same ? a : estimate(n_flat[k] + p1e, &var_lo);
+            const double a_hi = same ? a : estimate(n_none[k] + p2e, &var_hi);
+            if (same) var_lo = var_hi = var;
             e.acc[k] = a;
             e.sd[k] = std::sqrt(var);
             // The bounds carry both the sampling error and the uncertainty about late complaints.
@@ -1305,8 +1405,8 @@ private:
         const Estimates& e = est_;
         Dual d;
         d.n = t_;
-        const double N = static_cast<double>(t_);
-        const double unsat = e.unsat + static_cast<double>(complaints_total_ - e.complaints) / (e.rho - e.rho_false) * e.complaint_weight;
+        const double N = static_cast<double>(t_) + peers_.n;
+        const double unsat = e.unsat + peers_.unsat + static_cast<double>(complaints_total_ - e.complaints) / (e.rho - e.rho_false) * e.complaint_weight;
         d.deficit = unsat - (1.0 - e.tau) * N;
         d.tau_eff = e.tau + d.deficit / e.payback;
         d.valve = d.deficit > cfg_.valve * (e.margin * N + 1.0 / e.rho);
@@ -1408,6 +1508,7 @@ private:
     }
 
     Config cfg_;
+    Peers peers_;  // serialised: the other replicas' evidence as last set
     int nb_ring_ = 0;
     mutable std::mutex mu_;
     Estimates est_;

@@ -20,7 +20,9 @@ from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
 __all__ = ["Model", "Decision", "Router"]
 
 _MAGIC = b"SLAROUTR"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: the peers' evidence (set_peers) follows the state
+_READABLE_VERSIONS = (2, 3)  # a version-2 file is a state without peers
+_SHARE_KEYS = ("requests", "unsatisfied", "variance", "exposure", "complaints", "audits", "audits_satisfied")
 _HEADER = struct.Struct("<8sII")  # magic, format version, config length
 _TRAILER = struct.Struct("<QI")  # payload length, crc32 of everything before it
 
@@ -426,6 +428,96 @@ class Router:
             "models": models,
         }
 
+    # ------------------------------------------------------------------ replicas
+    def share(self) -> Dict[str, Any]:
+        """This router's own evidence, for the other replicas that share its SLA.
+
+        A JSON-serialisable dict: the request count, the estimated unsatisfied count and its
+        variance, and per model the exposures (requests whose complaints are in, under the three
+        delay assumptions), complaints, audits and satisfied audits; plus the models, the SLA and
+        the report rate, which every replica sharing the SLA must have in common. Publish it
+        (e.g. to a key-value store) and pass the other replicas' latest ones to ``set_peers``.
+        See docs/api.md, "Several processes or replicas".
+        """
+        d = self._core.share()
+        d["exposure"] = [list(v) for v in d["exposure"]]
+        d["models"] = list(self._names)
+        d["sla"] = self._config["sla"]
+        d["report_rate"] = self._config["report_rate"]
+        return d
+
+    def set_peers(self, shares: Iterable[Mapping[str, Any]]) -> None:
+        """Take the other replicas' evidence: an iterable of their latest ``share()`` dicts.
+
+        Replaces what an earlier call set (an empty iterable: no peers). The SLA accounting (the
+        count of unsatisfied requests, the margin and the deficit) then covers the whole stream,
+        this router's requests and the peers', and the per-model accuracies use the peers'
+        complaints and exposures too; this router's own predictor and pending requests are its
+        own. Every share is checked before anything changes: a share from a router with other
+        models, another SLA or another report rate, or with a value that is not a finite count,
+        raises ``ValueError`` and leaves the router as it was. Needs a configured report rate.
+        """
+        if isinstance(shares, Mapping) or not isinstance(shares, Iterable):
+            raise TypeError("shares must be an iterable of share() dicts (the other replicas'), not "
+                            f"{type(shares).__name__}")
+        if self._config["report_rate"] is None:
+            raise ValueError("set_peers needs a configured report_rate: replicas that estimate it from "
+                             "audits cannot share evidence yet")
+        K = len(self._names)
+        total = [0.0, 0.0, 0.0]
+        per = {key: np.zeros(K) for key in ("complaints", "audits", "audits_satisfied")}
+        exposure = np.zeros((3, K))
+        n_shares = 0
+        for i, sh in enumerate(shares):
+            where = f"shares[{i}]"
+            if not isinstance(sh, Mapping):
+                raise TypeError(f"{where} must be a share() dict, got {type(sh).__name__}")
+            missing = [k for k in _SHARE_KEYS + ("models", "sla", "report_rate") if k not in sh]
+            if missing:
+                raise ValueError(f"{where} lacks {missing}")
+            if list(sh["models"]) != list(self._names):
+                raise ValueError(f"{where} comes from a router with models {list(sh['models'])}; "
+                                 f"this one has {list(self._names)}")
+            if sh["sla"] != self._config["sla"] or sh["report_rate"] != self._config["report_rate"]:
+                raise ValueError(f"{where} comes from a router with sla {sh['sla']} and report_rate "
+                                 f"{sh['report_rate']}; this one has {self._config['sla']} and "
+                                 f"{self._config['report_rate']}")
+            for j, key in enumerate(("requests", "unsatisfied", "variance")):
+                v = _finite_number(sh[key], f"{where}[{key!r}]")
+                if v < 0:
+                    raise ValueError(f"{where}[{key!r}] must be >= 0, got {v}")
+                total[j] += v
+            if sh["unsatisfied"] > sh["requests"]:
+                raise ValueError(f"{where} has more unsatisfied requests than requests")
+            for key in per:
+                per[key] += self._share_vector(sh[key], f"{where}[{key!r}]", K)
+            exp = sh["exposure"]
+            if isinstance(exp, (str, bytes)) or not isinstance(exp, Sequence) or len(exp) != 3:
+                raise ValueError(f"{where}['exposure'] must hold three per-model lists")
+            for t in range(3):
+                exposure[t] += self._share_vector(exp[t], f"{where}['exposure'][{t}]", K)
+            if np.any(np.asarray(sh["audits_satisfied"], dtype=float) > np.asarray(sh["audits"], dtype=float)):
+                raise ValueError(f"{where} has more satisfied audits than audits")
+            n_shares += 1
+        models = n_shares > 0
+        vec = (lambda v: [float(x) for x in v]) if models else (lambda v: [])
+        self._core.set_peers(total[0], total[1], total[2], [vec(exposure[t]) for t in range(3)],
+                             vec(per["complaints"]), vec(per["audits"]), vec(per["audits_satisfied"]))
+
+    @staticmethod
+    def _share_vector(v: Any, what: str, K: int) -> np.ndarray:
+        if isinstance(v, (str, bytes)):
+            raise ValueError(f"{what} must be a list of {K} counts")
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be a list of {K} counts") from None
+        if a.shape != (K,):
+            raise ValueError(f"{what} must hold one count per model ({K}), got shape {a.shape}")
+        if not np.all(np.isfinite(a)) or np.any(a < 0):
+            raise ValueError(f"{what} must hold finite counts >= 0")
+        return a
+
     # ------------------------------------------------------------------ persistence
     def _config_bytes(self) -> bytes:
         return json.dumps(self._config, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -444,9 +536,9 @@ class Router:
         magic, version, clen = _HEADER.unpack_from(data, 0)
         if magic != _MAGIC:
             raise StateFileError(f"{source}: not a slarouter state file (bad magic {magic!r})")
-        if version != _FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise StateFileError(f"{source}: state file format version {version} is not supported "
-                                 f"(this slarouter reads version {_FORMAT_VERSION})")
+                                 f"(this slarouter reads versions {', '.join(map(str, _READABLE_VERSIONS))})")
         plen, crc = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
         if _HEADER.size + clen + plen + _TRAILER.size != len(data):
             raise StateFileError(f"{source}: truncated or corrupt state file (sizes do not add up)")
