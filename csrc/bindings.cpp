@@ -592,6 +592,7 @@ PYBIND11_MODULE(_core, m) {
                  d["audits_satisfied"] = p.audits_sat;
                  return d;
              })
+        .def("peer_counts", [](const PyRouter& r) { const auto c = r.peer_counts(); return py::make_tuple(c.first, c.second); })
         .def("set_peers",
              [](PyRouter& r, double n, double unsat, double var, std::vector<std::vector<double>> exposure,
                 std::vector<double> complaints, std::vector<double> audits, std::vector<double> audits_sat) {

@@ -116,6 +116,11 @@ def test_peers_evidence_enters_the_accounting_and_the_accuracies():
     shared = r.stats()
     # The whole stream is far below the SLA: the deficit is the peer's too.
     assert shared["deficit"] > alone["deficit"] + 500
+    assert alone["whole_stream"] == {"requests": 200, "satisfaction": alone["satisfaction"]}
+    assert shared["whole_stream"]["requests"] == 2200
+    # (This router's own satisfaction is still about its own requests; the peers' accuracies
+    # enter only its estimate of the complaints its pending requests will bring.)
+    assert shared["whole_stream"]["satisfaction"] < shared["satisfaction"]
     # The peer's complaints make every model it served look worse.
     served = [m for m, v in peer.stats()["models"].items() if v["requests"] > 100]
     assert served

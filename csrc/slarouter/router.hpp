@@ -399,6 +399,12 @@ public:
         set_explore_cache();
     }
 
+    // The peers' request count and estimated unsatisfied count, as last set.
+    std::pair<double, double> peer_counts() const {
+        std::lock_guard<std::mutex> lock(mu_);
+        return {peers_.n, peers_.unsat};
+    }
+
     // ---- introspection --------------------------------------------------------------------
     // Fresh estimates from the current state (does not change the state).
     Estimates estimates() const {

@@ -425,6 +425,7 @@ class Router:
             "satisfaction_low": max(0.0, sat - half) if n else float("nan"),
             "satisfaction_high": min(1.0, sat + half) if n else float("nan"),
             "confidence": self._config["confidence"],
+            "whole_stream": self._whole_stream(n, e["unsatisfied"]),
             "models": models,
         }
 
@@ -503,6 +504,11 @@ class Router:
         vec = (lambda v: [float(x) for x in v]) if models else (lambda v: [])
         self._core.set_peers(total[0], total[1], total[2], [vec(exposure[t]) for t in range(3)],
                              vec(per["complaints"]), vec(per["audits"]), vec(per["audits_satisfied"]))
+
+    def _whole_stream(self, n: int, unsat: float) -> Dict[str, float]:
+        pn, pu = self._core.peer_counts()
+        total = n + pn
+        return {"requests": total, "satisfaction": 1.0 - (unsat + pu) / total if total > 0 else float("nan")}
 
     @staticmethod
     def _share_vector(v: Any, what: str, K: int) -> np.ndarray:
