@@ -103,3 +103,55 @@ def test_a_forked_child_batches_with_its_own_workers():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     ids, _ = r.route_batch(X)
     assert ids[0] == 20000  # the child's batches are its own
+
+
+def test_peers_set_while_threads_route_lose_nothing():
+    """A replica syncing its peers (share / set_peers) while its threads route and complain:
+    every request and complaint is counted once, and the last peers set are the ones in use."""
+    models = [("a", 1.0), ("b", 3.0), ("c", 9.0)]
+    r = Router(models, 0.8, report_rate=0.5, features=16, feedback_window=1 << 15)
+    peers = [Router(models, 0.8, report_rate=0.5, features=16, seed=s) for s in (1, 2)]
+    x = np.linspace(-1, 1, 16, dtype=np.float32)
+    for p in peers:
+        for i in range(500):
+            d = p.route(x)
+            if i % 4 == 0:
+                p.complain(d.request_id)
+    cycles, workers = 20000, 4
+    sent = [0] * workers
+    errors = []
+    stop = threading.Event()
+
+    def worker(w):
+        try:
+            for i in range(cycles):
+                d = r.route(x)
+                if (i + w) % 3 == 0:
+                    assert r.complain(d.request_id) is True
+                    sent[w] += 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def syncer():
+        try:
+            while not stop.is_set():
+                r.share()
+                r.set_peers(p.share() for p in peers)
+                time.sleep(0.001)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
+    sync = threading.Thread(target=syncer)
+    sync.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    sync.join()
+    assert not errors, errors[:3]
+    s = r.stats()
+    assert s["requests"] == workers * cycles
+    assert s["complaints"] == sum(sent)
+    assert s["whole_stream"]["requests"] == workers * cycles + 1000
