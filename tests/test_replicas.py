@@ -154,6 +154,8 @@ def _bad_shares(sh):
         ("three per-model lists", [dict(sh, exposure=sh["exposure"][:2])]),
         ("more satisfied audits", [dict(sh, audits_satisfied=[1.0, 0.0, 0.0])]),
         ("must be a share", [sh, 3]),
+        ("more exposure", [dict(sh, exposure=[[sh["requests"]] * 3] * 3)]),
+        ("more complaints", [dict(sh, complaints=[sh["requests"], 1.0, 0.0])]),
     ]
 
 

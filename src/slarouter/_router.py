@@ -499,6 +499,13 @@ class Router:
                 exposure[t] += self._share_vector(exp[t], f"{where}['exposure'][{t}]", K)
             if np.any(np.asarray(sh["audits_satisfied"], dtype=float) > np.asarray(sh["audits"], dtype=float)):
                 raise ValueError(f"{where} has more satisfied audits than audits")
+            # A router's exposures and complaints count its own requests (with some rounding).
+            tol = 1e-9 * max(1.0, float(sh["requests"])) + 1e-6
+            for what, v in (("exposure", np.asarray(exp, dtype=float).sum(axis=1).max()),
+                            ("complaints", float(np.sum(sh["complaints"]))),
+                            ("audits", float(np.sum(sh["audits"])))):
+                if v > float(sh["requests"]) + tol:
+                    raise ValueError(f"{where} counts more {what} ({v}) than requests ({sh['requests']})")
             n_shares += 1
         models = n_shares > 0
         vec = (lambda v: [float(x) for x in v]) if models else (lambda v: [])
