@@ -176,10 +176,37 @@ def test_bad_shares_are_refused_and_change_nothing():
     assert r.to_bytes() == before
 
 
-def test_sharing_needs_a_configured_report_rate():
-    r = Router(MODELS, 0.8)
-    with pytest.raises(ValueError, match="configured report_rate"):
-        r.set_peers([])
+def test_replicas_that_estimate_the_report_rate_share_too():
+    # With the report rate withheld, the replicas audit a fifth of their requests. The peer has
+    # seen far more; after set_peers this router's accuracies move to the peer's, and the whole
+    # stream adds up.
+    rng = np.random.default_rng(7)
+    truth = {"small": 0.45, "mid": 0.8, "large": 0.95}
+
+    def serve(router, n, tag):
+        for i in range(n):
+            d = router.route(f"{tag} question {i}")
+            ok = rng.random() < truth[d.model]
+            if not ok and rng.random() < 0.3:
+                router.complain(d.request_id)
+            if rng.random() < 0.2:
+                router.audit(d.request_id, ok)
+
+    peer, r = Router(MODELS, 0.8, seed=1), Router(MODELS, 0.8, seed=2)
+    serve(peer, 3000, "peer")
+    serve(r, 150, "own")
+    sh = peer.share()
+    assert sh["report_rate"] is None and sum(sh["audits"]) > 400
+    alone = r.stats()["models"]
+    r.set_peers([sh])
+    shared = r.stats()
+    mine = peer.stats()["models"]
+    assert shared["whole_stream"]["requests"] == 3150
+    for m in truth:
+        if mine[m]["requests"] >= 200:
+            assert abs(shared["models"][m]["accuracy"] - mine[m]["accuracy"]) < abs(alone[m]["accuracy"] - mine[m]["accuracy"]) + 1e-9
+    b = Router.from_bytes(r.to_bytes())
+    assert _drive(b, 300, start=300) == _drive(r, 300, start=300)
 
 
 def test_peers_survive_save_and_load(tmp_path):

@@ -390,7 +390,6 @@ public:
         }
         for (std::size_t k = 0; k < want; ++k)
             if (p.audits_sat[k] > p.audits[k]) throw std::invalid_argument("peers: more satisfied audits than audits");
-        if (!(cfg_.rho > 0.0)) throw std::invalid_argument("peers: sharing evidence needs a configured report rate");
         std::lock_guard<std::mutex> lock(mu_);
         peers_ = p;
         refresh_locked(est_);
@@ -1187,7 +1186,7 @@ private:
                 const double r = std::min(1.0, std::max(cfg_.rho_min, rf + x / y));
                 const double rf2 = std::min(cfg_.rho_false, 0.5 * r);
                 double ep2 = 0.0, pr2 = 0.0, nx2 = 0.0;
-                model_estimates(e, r, rf2, reached, &ep2, &pr2, &nx2);
+                model_estimates(e, r, rf2, reached, &ep2, &pr2, &nx2, peers);
                 // A complaint still adds w / (rho_audits - rf) unsatisfied requests (dual_locked).
                 e.complaint_weight = w * (r - rf2) / (rho - rf);
                 rho = r;

@@ -456,14 +456,12 @@ class Router:
         complaints and exposures too; this router's own predictor and pending requests are its
         own. Every share is checked before anything changes: a share from a router with other
         models, another SLA or another report rate, or with a value that is not a finite count,
-        raises ``ValueError`` and leaves the router as it was. Needs a configured report rate.
+        raises ``ValueError`` and leaves the router as it was. With the report rate estimated from
+        audits, each replica estimates it from its own audits.
         """
         if isinstance(shares, Mapping) or not isinstance(shares, Iterable):
             raise TypeError("shares must be an iterable of share() dicts (the other replicas'), not "
                             f"{type(shares).__name__}")
-        if self._config["report_rate"] is None:
-            raise ValueError("set_peers needs a configured report_rate: replicas that estimate it from "
-                             "audits cannot share evidence yet")
         K = len(self._names)
         total = [0.0, 0.0, 0.0]
         per = {key: np.zeros(K) for key in ("complaints", "audits", "audits_satisfied")}
