@@ -359,11 +359,10 @@ public:
         p.n = static_cast<double>(t_);
         p.unsat = e.unsat;
         p.var = e.var_own;
-        const RefreshScratch& sc = scratch_;
         const bool reached = delays_reached();
-        p.exposure[0] = sc.n3[kTailDecay];
-        p.exposure[1] = sc.n3[reached ? kTailDecay : kTailFlat];
-        p.exposure[2] = sc.n3[reached ? kTailDecay : kTailNone];
+        p.exposure[0] = tail_exposure(kTailDecay, reached);
+        p.exposure[1] = tail_exposure(kTailFlat, reached);
+        p.exposure[2] = tail_exposure(kTailNone, reached);
         const int K = cfg_.n_models;
         p.complaints.resize(K); p.audits.resize(K); p.audits_sat.resize(K);
         for (int k = 0; k < K; ++k) {
@@ -371,7 +370,6 @@ public:
             p.audits[k] = static_cast<double>(audits_[k]);
             p.audits_sat[k] = static_cast<double>(audits_sat_[k]);
         }
-        if (t_ == 0) for (auto& v : p.exposure) v.assign(K, 0.0);
         return p;
     }
 
@@ -379,23 +377,27 @@ public:
     // recomputes the estimates, so that the next decision uses it. Checked first: a bad value
     // changes nothing.
     void set_peers(const Peers& p) {
-        const int K = cfg_.n_models;
-        auto bad = [](double v) { return !std::isfinite(v) || v < 0.0; };
-        if (bad(p.n) || bad(p.unsat) || bad(p.var)) throw std::invalid_argument("peers: requests, unsatisfied and variance must be finite and >= 0");
-        if (p.unsat > p.n) throw std::invalid_argument("peers: more unsatisfied requests than requests");
-        const std::size_t want = p.models() ? static_cast<std::size_t>(K) : 0;
-        for (const auto* v : {&p.exposure[0], &p.exposure[1], &p.exposure[2], &p.complaints, &p.audits, &p.audits_sat}) {
-            if (v->size() != want) throw std::invalid_argument("peers: per-model evidence must have one entry per model");
-            for (double x : *v) if (bad(x)) throw std::invalid_argument("peers: per-model evidence must be finite and >= 0");
-        }
-        for (std::size_t k = 0; k < want; ++k)
-            if (p.audits_sat[k] > p.audits[k]) throw std::invalid_argument("peers: more satisfied audits than audits");
+        check_peers(p, "peers");
         std::lock_guard<std::mutex> lock(mu_);
         peers_ = p;
-        refresh_locked(est_);
-        acc_cache_ = est_.acc;
-        set_logit_cache();
-        set_explore_cache();
+        refresh_in_use_locked();
+    }
+
+    // Throws invalid_argument("<what>: ...") unless p is evidence a router with these models could
+    // have shared: finite counts >= 0, no more unsatisfied requests than requests, no more
+    // satisfied audits than audits, and per model either nothing or one entry for every model.
+    void check_peers(const Peers& p, const char* what) const {
+        auto fail = [what](const char* why) { throw std::invalid_argument(std::string(what) + ": " + why); };
+        auto bad = [](double v) { return !std::isfinite(v) || v < 0.0; };
+        if (bad(p.n) || bad(p.unsat) || bad(p.var)) fail("requests, unsatisfied and variance must be finite and >= 0");
+        if (p.unsat > p.n) fail("more unsatisfied requests than requests");
+        const std::size_t want = p.models() ? static_cast<std::size_t>(cfg_.n_models) : 0;
+        for (const auto* v : {&p.exposure[0], &p.exposure[1], &p.exposure[2], &p.complaints, &p.audits, &p.audits_sat}) {
+            if (v->size() != want) fail("per-model evidence must have one entry per model");
+            for (double x : *v) if (bad(x)) fail("per-model evidence must be finite and >= 0");
+        }
+        for (std::size_t k = 0; k < want; ++k)
+            if (p.audits_sat[k] > p.audits[k]) fail("more satisfied audits than audits");
     }
 
     // The peers' request count and estimated unsatisfied count, as last set.
@@ -524,15 +526,7 @@ public:
             for (double* v : {&pr.n, &pr.unsat, &pr.var}) get(v, sizeof *v);
             get_est(pr.exposure[0], true); get_est(pr.exposure[1], true); get_est(pr.exposure[2], true);
             get_est(pr.complaints, true); get_est(pr.audits, true); get_est(pr.audits_sat, true);
-            const bool any = pr.models();
-            for (const auto* v : {&pr.exposure[0], &pr.exposure[1], &pr.exposure[2], &pr.audits, &pr.audits_sat})
-                if (v->empty() == any) throw std::invalid_argument("state is corrupt: incomplete peers' evidence");
-            for (const auto* v : {&pr.exposure[0], &pr.exposure[1], &pr.exposure[2], &pr.complaints, &pr.audits,
-                                  &pr.audits_sat})
-                for (double x : *v)
-                    if (!(std::isfinite(x) && x >= 0.0)) throw std::invalid_argument("state is corrupt: peers' evidence");
-            if (!(pr.n >= 0.0 && pr.unsat >= 0.0 && pr.var >= 0.0 && pr.unsat <= pr.n))
-                throw std::invalid_argument("state is corrupt: peers' counts");
+            check_peers(pr, "state is corrupt: peers");
         }
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
@@ -548,6 +542,14 @@ private:
 
     std::size_t bucket_of(std::int64_t id) const {
         return static_cast<std::size_t>((id / cfg_.bin_width()) % nb_ring_);
+    }
+
+    // Recomputes the estimates in use and what is derived from them.
+    void refresh_in_use_locked() {
+        refresh_locked(est_);
+        acc_cache_ = est_.acc;
+        set_logit_cache();
+        set_explore_cache();
     }
 
     void set_logit_cache() {
@@ -774,10 +776,7 @@ private:
     void open_locked(std::int64_t B, int threads = 1) {
         close_before_locked(std::min(t_ + B, t_ + cfg_.window) - cfg_.window, threads);
         if (t_ + B > next_refresh_) {
-            refresh_locked(est_);
-            acc_cache_ = est_.acc;
-            set_logit_cache();
-            set_explore_cache();
+            refresh_in_use_locked();
             next_refresh_ = t_ + cfg_.refresh;
         }
     }
@@ -1116,6 +1115,12 @@ private:
         return (cum[b] + frac * (cum[b + 1] - cum[b])) / total;
     }
 
+    // Per-model exposures of the last refresh under a delay tail (once every delay bin has been
+    // reached the three coincide and only the point estimate's is computed).
+    const std::vector<double>& tail_exposure(int tail, bool reached) const {
+        return scratch_.n3[reached ? kTailDecay : tail];
+    }
+
     bool delays_reached() const {
         return static_cast<double>(t_) - static_cast<double>(cfg_.bins - 1) * static_cast<double>(cfg_.bin_width()) > 0.0;
     }
@@ -1233,9 +1238,9 @@ private:
         const int K = cfg_.n_models;
         const RefreshScratch& sc = scratch_;
         const std::vector<double>& Fdecay = sc.Fb[kTailDecay];
-        const std::vector<double>& n_decay = sc.n3[kTailDecay];
-        const std::vector<double>& n_flat = sc.n3[reached ? kTailDecay : kTailFlat];
-        const std::vector<double>& n_none = sc.n3[reached ? kTailDecay : kTailNone];
+        const std::vector<double>& n_decay = tail_exposure(kTailDecay, reached);
+        const std::vector<double>& n_flat = tail_exposure(kTailFlat, reached);
+        const std::vector<double>& n_none = tail_exposure(kTailNone, reached);
         e.acc.assign(K, 0.0); e.sd.assign(K, 0.0); e.lcb.assign(K, 0.0); e.ucb.assign(K, 0.0);
         e.cmean.assign(K, 0.0); e.cnorm.assign(K, 0.0); e.exposure.assign(K, 0.0);
         double epend = 0.0, prem = 0.0, nexp = 0.0;
