@@ -22,6 +22,7 @@ import re
 import secrets
 import tempfile
 import threading
+import time
 from typing import Any, Dict, Mapping, Optional, Protocol, Union
 
 from ._router import Router
@@ -39,6 +40,23 @@ def _check_name(replica: Any) -> str:
         raise ValueError(f"replica name must be 1-128 characters of letters, digits, '_', '.' or '-', "
                          f"starting with a letter or digit (and not ending in '.tmp'), got {replica!r}")
     return replica
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _retry(op, tries: int = 50):
+    # On Windows a file another process has open cannot be replaced (nor one being replaced
+    # opened) for a moment: PermissionError. Elsewhere the first try succeeds.
+    for i in range(tries):
+        try:
+            return op()
+        except PermissionError:
+            if i == tries - 1:
+                raise
+            time.sleep(0.002)
 
 
 class Store(Protocol):
@@ -69,7 +87,7 @@ class DirectoryStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, os.path.join(self.path, f"{replica}.json"))
+            _retry(lambda: os.replace(tmp, os.path.join(self.path, f"{replica}.json")))
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -83,8 +101,7 @@ class DirectoryStore:
             if name.startswith(".") or not name.endswith(".json"):
                 continue
             try:
-                with open(os.path.join(self.path, name), "rb") as f:
-                    out[name[:-len(".json")]] = f.read()
+                out[name[:-len(".json")]] = _retry(lambda: _read(os.path.join(self.path, name)))
             except FileNotFoundError:  # removed between the listing and the read
                 continue
         return out
