@@ -35,6 +35,8 @@ py::dict estimates_dict(const Estimates& e) {
     d["frontier"] = e.hull;
     d["unsatisfied"] = e.unsat;
     d["variance"] = e.var;
+    d["unsatisfied_low"] = e.unsat_lo;
+    d["unsatisfied_high"] = e.unsat_hi;
     d["margin"] = e.margin;
     d["target"] = e.tau;
     d["deficit"] = e.deficit;

@@ -332,6 +332,8 @@ class Estimates:
         self.exposure: List[float] = []
         self.hull: List[int] = []
         self.unsat = 0.0
+        self.unsat_lo = 0.0  # unsat's range under the optimistic / pessimistic delay tails and
+        self.unsat_hi = 0.0  # accuracies (stats()' interval; not saved)
         self.var = 0.0
         self.margin = 0.0
         self.tau = 0.0
@@ -724,6 +726,8 @@ class ReferenceRouter:
             "frontier": list(e.hull),
             "unsatisfied": e.unsat,
             "variance": e.var,
+            "unsatisfied_low": e.unsat_lo,
+            "unsatisfied_high": e.unsat_hi,
             "margin": e.margin,
             "target": e.tau,
             "deficit": e.deficit,
@@ -1004,11 +1008,12 @@ class ReferenceRouter:
             rho, var_rho = self._rho_estimate(Fb[TAIL_DECAY], live)
         rf = _min(self.rho_false, 0.5 * rho)
         e.rho = rho
-        epend, prem, nexp = self._model_estimates(e, rho, rf, Fb, live)
+        epend, prem, nexp, epend_lo, epend_hi = self._model_estimates(e, rho, rf, Fb, live)
 
         # SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
         complaints = float(self.complaints_total)
         e.unsat = _min(N, _max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend)
+        cw = 1.0  # the complaint-based count's weight in e.unsat
         ubar = (e.unsat + self.unsat_prior * (1.0 - self.alpha)) / (N + self.unsat_prior)
         e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar)
         e.complaint_weight = 1.0
@@ -1016,6 +1021,7 @@ class ReferenceRouter:
         grow = 1.0
         if not self.rho_cfg > 0.0 and self.audits_total > 0 and N > 0.0:
             w, grow = self._combine_audits(e, complaints, nexp, prem, var_rho)
+            cw = w
             # The report rate in use is the one the combined count implies for the complaints
             # received; the per-model accuracies are recomputed with it.
             x = complaints - rf * nexp
@@ -1030,6 +1036,9 @@ class ReferenceRouter:
                 e.rho_false = rf2
             else:
                 e.complaint_weight = w
+        # The range of counts the delay model leaves open (stats()' interval).
+        e.unsat_lo = _min(N, _max(0.0, e.unsat - cw * (epend - epend_lo)))
+        e.unsat_hi = _min(N, _max(0.0, e.unsat + cw * (epend_hi - epend)))
         cmax = max(e.cmean)
         for k in range(K):
             e.cnorm[k] = e.cmean[k] / cmax if cmax > 0 else 0.0
@@ -1060,6 +1069,8 @@ class ReferenceRouter:
         epend = 0.0
         prem = 0.0
         nexp = 0.0
+        epend_lo = 0.0
+        epend_hi = 0.0
         for k in range(K):
             p0 = 0.5 if math.isnan(self.prior[k]) else self.prior[k]
             m0 = self.prior_weight / rho
@@ -1108,8 +1119,15 @@ class ReferenceRouter:
                 u = 1.0 - a
                 epend += nc * u * (1.0 - F) / _max(1.0 - rho * u * F, 1e-9)
                 prem += nc * (1.0 - F)
+                # Fewest complaints to come (optimistic tail and accuracy) and most (pessimistic).
+                ul = 1.0 - _min(e.ucb[k], 1.0)
+                fl = Fb[TAIL_NONE][r]
+                epend_lo += nc * ul * (1.0 - fl) / _max(1.0 - rho * ul * fl, 1e-9)
+                uh = 1.0 - e.lcb[k]
+                fh = Fb[TAIL_FLAT][r]
+                epend_hi += nc * uh * (1.0 - fh) / _max(1.0 - rho * uh * fh, 1e-9)
             e.cmean[k] = (self.cost[k] + self.cost_sum[k]) / (1.0 + float(self.cost_n[k]))
-        return epend, prem, nexp
+        return epend, prem, nexp, epend_lo, epend_hi
 
     def _combine_audits(self, e: Estimates, complaints: float, nexp: float, prem: float,
                         var_rho: float) -> Tuple[float, float]:

@@ -239,6 +239,50 @@ def test_stats_shape():
         assert 0.0 <= m["accuracy_low"] <= m["accuracy"] <= m["accuracy_high"] <= 1.0
 
 
+def _late_complaint_stream(seed, rho, n, acc=(0.25, 0.3, 0.5), max_delay=200):
+    """Route n requests; each unsatisfied one complains with probability rho after 0 to
+    max_delay later requests. Yields (requests so far, realized satisfaction, stats())."""
+    rng = np.random.default_rng(seed)
+    r = Router([("small", 1.0), ("medium", 4.0), ("large", 20.0)], 0.45, report_rate=rho, seed=seed)
+    due, n_sat = {}, 0
+    for t in range(n):
+        for rid in due.pop(t, ()):
+            r.complain(rid)
+        d = r.route(f"question {t} on topic {t % 13}")
+        if rng.random() < acc[d.index]:
+            n_sat += 1
+        elif rng.random() < rho:
+            due.setdefault(t + 1 + int(rng.integers(0, max_delay + 1)), []).append(d.request_id)
+        yield t + 1, n_sat / (t + 1), r.stats
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.3])
+def test_satisfaction_interval_covers_what_late_complaints_may_still_say(rho):
+    # Early in a stream most complaints are still on their way and the delay model guesses how
+    # many; the interval spans that guess's range (and the sampling error), so it holds the
+    # realized satisfaction while the point estimate may be far off.
+    inside = total = 0
+    for seed in range(6):
+        for n, realized, stats in _late_complaint_stream(seed, rho, 600):
+            if n % 50 == 0:
+                s = stats()
+                assert s["satisfaction_low"] <= s["satisfaction"] <= s["satisfaction_high"]
+                inside += s["satisfaction_low"] <= realized <= s["satisfaction_high"]
+                total += 1
+    assert inside >= 0.9 * total, (inside, total)
+
+
+def test_satisfaction_interval_narrows_once_the_delays_are_known():
+    for n, realized, stats in _late_complaint_stream(0, 1.0, 2500):
+        if n in (100, 2500):
+            s = stats()
+            width = s["satisfaction_high"] - s["satisfaction_low"]
+            if n == 100:
+                early = width
+    assert width < early / 4
+    assert s["satisfaction_low"] <= realized <= s["satisfaction_high"]
+
+
 def test_unknown_report_rate_uses_audits():
     r = Router(MODELS, 0.8)  # report rate withheld
     assert r.stats()["report_rate"] == pytest.approx(0.05)

@@ -91,6 +91,10 @@ struct Estimates {
     double unsat = 0.0, var = 0.0, margin = 0.0, tau = 0.0, deficit = 0.0, tau_eff = 0.0;
     double payback = 1.0;         // deficit payback horizon H
     double var_own = 0.0;         // this router's own part of var (before the peers and the walk; not saved)
+    // unsat with the pending requests' complaints still to come under the optimistic and the
+    // pessimistic delay tails (section 2) and accuracies: the range the delay model leaves open
+    // (stats()' interval; not saved, not used by the decisions).
+    double unsat_lo = 0.0, unsat_hi = 0.0;
     double rho_false = 0.0;       // false-complaint rate in use
     double complaint_weight = 1.0;  // scales 1 / (rho - rho_false) per complaint (1 when rho is known)
     std::int64_t n = 0;           // requests routed when computed
@@ -1170,12 +1174,13 @@ private:
         if (!(rho > 0.0)) rho_estimate(sc.Fb[kTailDecay], sc.live, &rho, &var_rho);
         double rf = std::min(cfg_.rho_false, 0.5 * rho);
         e.rho = rho;
-        double epend = 0.0, prem = 0.0, nexp = 0.0;
+        double epend = 0.0, prem = 0.0, nexp = 0.0, epend_lo = 0.0, epend_hi = 0.0;
         const Peers* peers = with_peers && peers_.models() ? &peers_ : nullptr;
-        model_estimates(e, rho, rf, reached, &epend, &prem, &nexp, peers);
+        model_estimates(e, rho, rf, reached, &epend, &prem, &nexp, peers, &epend_lo, &epend_hi);
         // SLA accounting: estimated unsatisfied requests so far, its variance, margin, deficit.
         const double complaints = static_cast<double>(complaints_total_);
         e.unsat = std::min(N, std::max(0.0, (complaints - rf * nexp) / (rho - rf)) + epend);
+        double cw = 1.0;  // the complaint-based count's weight in e.unsat
         const double ubar = (e.unsat + cfg_.unsat_prior * (1.0 - cfg_.alpha)) / (N + cfg_.unsat_prior);
         e.var = N * ubar * (1.0 - rho) / rho + prem * ubar * (1.0 - ubar);
         e.complaint_weight = 1.0;
@@ -1183,6 +1188,7 @@ private:
         double grow = 1.0;
         if (!(cfg_.rho > 0.0) && audits_total_ > 0 && N > 0.0) {
             const double w = combine_audits_locked(e, complaints, nexp, prem, var_rho, &grow);
+            cw = w;
             // The report rate in use is the one the combined count implies for the complaints
             // received; the per-model accuracies are recomputed with it, so that every audit,
             // not only those of the model, informs them.
@@ -1202,6 +1208,8 @@ private:
                 e.complaint_weight = w;
             }
         }
+        e.unsat_lo = std::min(N, std::max(0.0, e.unsat - cw * (epend - epend_lo)));
+        e.unsat_hi = std::min(N, std::max(0.0, e.unsat + cw * (epend_hi - epend)));
         const double cmax = *std::max_element(e.cmean.begin(), e.cmean.end());
         for (int k = 0; k < K; ++k) e.cnorm[k] = cmax > 0 ? e.cmean[k] / cmax : 0.0;
         double horizon = cfg_.payback / rho;
@@ -1234,10 +1242,14 @@ private:
     // report rate rho; also the expected complaints still to come from pending requests (epend),
     // the pending requests' remaining share (prem) and the total exposure (nexp).
     void model_estimates(Estimates& e, double rho, double rf, bool reached, double* epend_out, double* prem_out,
-                         double* nexp_out, const Peers* peers = nullptr) const {
+                         double* nexp_out, const Peers* peers = nullptr, double* epend_lo_out = nullptr,
+                         double* epend_hi_out = nullptr) const {
         const int K = cfg_.n_models;
         const RefreshScratch& sc = scratch_;
         const std::vector<double>& Fdecay = sc.Fb[kTailDecay];
+        const std::vector<double>& Fnone = sc.Fb[reached ? kTailDecay : kTailNone];
+        const std::vector<double>& Fflat = sc.Fb[reached ? kTailDecay : kTailFlat];
+        double epend_lo = 0.0, epend_hi = 0.0;
         const std::vector<double>& n_decay = tail_exposure(kTailDecay, reached);
         const std::vector<double>& n_flat = tail_exposure(kTailFlat, reached);
         const std::vector<double>& n_none = tail_exposure(kTailNone, reached);
@@ -1294,12 +1306,20 @@ private:
                 const double u = 1.0 - a;
                 epend += nc * u * (1.0 - F) / std::max(1.0 - rho * u * F, 1e-9);
                 prem += nc * (1.0 - F);
+                // Fewest complaints to come: every complaint in by the observed delays, the
+                // optimistic accuracy; most: the pessimistic tail and accuracy.
+                const double ul = 1.0 - std::min(e.ucb[k], 1.0), fl = Fnone[r];
+                epend_lo += nc * ul * (1.0 - fl) / std::max(1.0 - rho * ul * fl, 1e-9);
+                const double uh = 1.0 - e.lcb[k], fh = Fflat[r];
+                epend_hi += nc * uh * (1.0 - fh) / std::max(1.0 - rho * uh * fh, 1e-9);
             }
             e.cmean[k] = (cfg_.cost[k] + cost_sum_[k]) / (1.0 + static_cast<double>(cost_n_[k]));
         }
         *epend_out = epend;
         *prem_out = prem;
         *nexp_out = nexp;
+        if (epend_lo_out != nullptr) *epend_lo_out = epend_lo;
+        if (epend_hi_out != nullptr) *epend_hi_out = epend_hi;
     }
 
     // Unknown report rate (docs/algorithm.md, "Unknown report rate"): the complaint-based count of

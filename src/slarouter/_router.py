@@ -391,10 +391,15 @@ class Router:
         n = c["requests"]
         zc = NormalDist().inv_cdf(0.5 + self._config["confidence"] / 2)
         if n > 0:
+            # The interval: the count's sampling error (this router's own, without the queue's
+            # walk) around the range of counts the delay model leaves open while complaints may
+            # still be on their way (docs/algorithm.md, section 4).
             sat = 1.0 - e["unsatisfied"] / n
             half = zc * math.sqrt(max(e["variance"], 0.0)) / n
+            sat_low = max(0.0, 1.0 - e["unsatisfied_high"] / n - half)
+            sat_high = min(1.0, 1.0 - e["unsatisfied_low"] / n + half)
         else:
-            sat, half = float("nan"), float("nan")
+            sat = sat_low = sat_high = float("nan")
         models = {}
         for k, name in enumerate(self._names):
             served = c["served"][k]
@@ -422,8 +427,8 @@ class Router:
             "margin": e["margin"] if n else float("nan"),
             "target": e["target"],
             "satisfaction": sat,
-            "satisfaction_low": max(0.0, sat - half) if n else float("nan"),
-            "satisfaction_high": min(1.0, sat + half) if n else float("nan"),
+            "satisfaction_low": sat_low,
+            "satisfaction_high": sat_high,
             "confidence": self._config["confidence"],
             "whole_stream": self._whole_stream(n, e["unsatisfied"]),
             "models": models,
