@@ -158,6 +158,16 @@ def test_background_thread_keeps_peers_current_and_reports_errors(tmp_path, capl
     assert sa._thread is None
 
 
+def test_an_error_in_the_block_is_the_one_raised(tmp_path, caplog):
+    a = _router(1)
+    store = DirectoryStore(tmp_path)
+    with pytest.raises(KeyError, match="the block's"):
+        with PeerSync(a, store, "a", interval=60):
+            (tmp_path / "junk.json").write_bytes(b"not json")  # the last sync will fail too
+            raise KeyError("the block's")
+    assert "last sync of replica 'a' failed" in caplog.text
+
+
 def _wait(cond, timeout=10.0):
     end = time.monotonic() + timeout
     while not cond():

@@ -248,8 +248,14 @@ class PeerSync:
     def __enter__(self) -> "PeerSync":
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.stop()
+            return
+        try:  # the block's own exception is the one to see
+            self.stop()
+        except Exception as err:
+            _log.error("slarouter: last sync of replica %r failed: %s", self.replica, err)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
