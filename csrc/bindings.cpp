@@ -592,16 +592,24 @@ PYBIND11_MODULE(_core, m) {
                  d["complaints"] = p.complaints;
                  d["audits"] = p.audits;
                  d["audits_satisfied"] = p.audits_sat;
+                 d["audited_unsatisfied"] = p.rho_n;
+                 d["audited_unsatisfied_complained"] = p.rho_c;
+                 d["rho_sensitivity"] = p.rho_s;
                  return d;
              })
         .def("peer_counts", [](const PyRouter& r) { const auto c = r.peer_counts(); return py::make_tuple(c.first, c.second); })
         .def("set_peers",
              [](PyRouter& r, double n, double unsat, double var, std::vector<std::vector<double>> exposure,
-                std::vector<double> complaints, std::vector<double> audits, std::vector<double> audits_sat) {
+                std::vector<double> complaints, std::vector<double> audits, std::vector<double> audits_sat,
+                double rho_n, double rho_c, double rho_s, double rho_s2) {
                  Peers p;
                  p.n = n;
                  p.unsat = unsat;
                  p.var = var;
+                 p.rho_n = rho_n;
+                 p.rho_c = rho_c;
+                 p.rho_s = rho_s;
+                 p.rho_s2 = rho_s2;
                  if (exposure.size() != 3) throw std::invalid_argument("peers: exposure must hold three per-model lists");
                  for (int i = 0; i < 3; ++i) p.exposure[i] = std::move(exposure[i]);
                  p.complaints = std::move(complaints);
@@ -611,7 +619,8 @@ PYBIND11_MODULE(_core, m) {
                  r.set_peers(p);
              },
              py::arg("requests"), py::arg("unsatisfied"), py::arg("variance"), py::arg("exposure"),
-             py::arg("complaints"), py::arg("audits"), py::arg("audits_satisfied"))
+             py::arg("complaints"), py::arg("audits"), py::arg("audits_satisfied"), py::arg("audited_unsatisfied"),
+             py::arg("audited_unsatisfied_complained"), py::arg("rho_sensitivity"), py::arg("rho_sensitivity_squares"))
         .def("counters",
              [](const PyRouter& r) {
                  const auto c = r.counters();

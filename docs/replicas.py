@@ -37,18 +37,23 @@ def parse_seeds(text):
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-def run(ds, feats, bench, alpha, rho, seed, R, share=0):
+def run(ds, feats, bench, alpha, rho, seed, R, share=0, audit_rate=0.0):
     """(satisfaction, cost per request) of the whole stream served by R routers, sharing their
-    evidence every ``share`` requests (0: independent)."""
+    evidence every ``share`` requests (0: independent). With ``audit_rate`` > 0 the routers are
+    not told the report rate and a request is audited (its true label given when its complaint
+    would arrive) with that probability."""
     s = make_stream(ds, bench, "long", seed)
     models = [(m, float(c)) for m, c in zip(ds.models, ds.cost.mean(axis=0))]
+    told = None if audit_rate > 0 else rho
     served = np.empty(len(s), dtype=np.int64)
     if share and R > 1:
-        routers = [Router(models, alpha, report_rate=rho, seed=seed + 1000 * r) for r in range(R)]
-        due = {}
+        routers = [Router(models, alpha, report_rate=told, seed=seed + 1000 * r) for r in range(R)]
+        due, audits = {}, {}
         for t in range(len(s)):
             for r, rid in due.pop(t, ()):
                 routers[r].complain(rid)
+            for r, rid, ok in audits.pop(t, ()):
+                routers[r].audit(rid, ok)
             if t % share == 0:
                 shares = [router.share() for router in routers]
                 for r, router in enumerate(routers):
@@ -56,15 +61,19 @@ def run(ds, feats, bench, alpha, rho, seed, R, share=0):
             r = t % R
             d = routers[r].route(ds.prompts[s.rows[t]])
             served[t] = d.index
-            if not s.u_sat[t] < ds.sat[s.rows[t], d.index] and s.u_report[t] < rho:
+            ok = bool(s.u_sat[t] < ds.sat[s.rows[t], d.index])
+            if not ok and s.u_report[t] < rho:
                 due.setdefault(t + 1 + int(s.delay[t]), []).append((r, d.request_id))
+            if s.u_audit[t] < audit_rate:
+                audits.setdefault(t + 1 + int(s.delay[t]), []).append((r, d.request_id, ok))
         sat = s.u_sat < ds.sat[s.rows, served]
         return float(sat.mean()), float(ds.cost[s.rows, served].mean())
     for r in range(R):
         part = slice(r, None, R)
-        router = Router(models, alpha, report_rate=rho, seed=seed + 1000 * r)
+        router = Router(models, alpha, report_rate=told, seed=seed + 1000 * r)
         model, _, _ = router._replay(s.rows[part], ds.sat, ds.cost, s.u_sat[part], s.u_report[part],
-                                     s.delay[part] // R, rho, features=feats)
+                                     s.delay[part] // R, rho, features=feats,
+                                     u_audit=s.u_audit[part] if audit_rate > 0 else None, audit_rate=audit_rate)
         served[part] = model
     sat = s.u_sat < ds.sat[s.rows, served]
     return float(sat.mean()), float(ds.cost[s.rows, served].mean())
@@ -77,7 +86,11 @@ def main(argv=None):
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--report-rate", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     ap.add_argument("--share", type=int, default=0, help="share evidence every K requests (0: never)")
+    ap.add_argument("--audit-rate", type=float, default=0.0,
+                    help="audit this fraction of requests and withhold the report rate from the routers")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.audit_rate <= 1.0:
+        ap.error("--audit-rate must be in [0, 1]")
     if any(R < 1 for R in args.replicas):
         ap.error("--replicas must be positive")
     if args.share < 0:
@@ -94,10 +107,12 @@ def main(argv=None):
                 _, b_cert = reference_costs(ds, bench, alpha, rho, 20_000)
                 for seed in seeds:
                     for R in args.replicas:
-                        sat, cost = run(ds, feats, bench, alpha, rho, seed, R, args.share)
+                        sat, cost = run(ds, feats, bench, alpha, rho, seed, R, args.share, args.audit_rate)
                         met.setdefault((rho, R), []).append(sat >= alpha)
                         ratio.setdefault((rho, R), []).append(cost / b_cert)
     how = f"sharing evidence every {args.share} requests" if args.share else "independent"
+    if args.audit_rate:
+        how += f", report rate withheld, {args.audit_rate:g} of requests audited"
     print(f"{ds.name}, long protocol, seeds {args.seeds}, {how}: SLA met on the whole stream, mean cost / B_cert")
     print("| replicas | " + " | ".join(f"rho {rho}" for rho in args.report_rate) + " |")
     print("|---|" + "---|" * len(args.report_rate))

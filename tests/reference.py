@@ -279,6 +279,8 @@ STATE_LAYOUT: List[Tuple[str, Any]] = [
     ("peers.n", "d"), ("peers.unsat", "d"), ("peers.var", "d"),
     ("peers.exposure_point", np.float64), ("peers.exposure_flat", np.float64), ("peers.exposure_none", np.float64),
     ("peers.complaints", np.float64), ("peers.audits", np.float64), ("peers.audits_sat", np.float64),
+    # Their report-rate evidence (format version 4).
+    ("peers.rho_n", "d"), ("peers.rho_c", "d"), ("peers.rho_s", "d"), ("peers.rho_s2", "d"),
 ]
 
 
@@ -760,7 +762,8 @@ class ReferenceRouter:
                 "rho", "unsat", "var", "margin", "tau", "deficit", "tau_eff", "payback", "rho_false",
                 "complaint_weight", "n",
                 "complaints", "acc", "sd", "lcb", "ucb", "cnorm", "cmean", "exposure", "hull")},
-            **{name: 0.0 for name in ("peers.n", "peers.unsat", "peers.var")},
+            **{name: 0.0 for name in ("peers.n", "peers.unsat", "peers.var", "peers.rho_n", "peers.rho_c",
+                                      "peers.rho_s", "peers.rho_s2")},
             **{f"peers.{name}": [] for name in ("exposure_point", "exposure_flat", "exposure_none", "complaints",
                                                 "audits", "audits_sat")},
         }

@@ -51,6 +51,22 @@ def test_bad_replica_count_is_refused(replicas, data_dir, capsys):
     with pytest.raises(SystemExit):
         replicas.main([str(data_dir / "routellm-mmlu-gsm8k"), "--replicas", "0"])
     assert "--replicas must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        replicas.main([str(data_dir / "routellm-mmlu-gsm8k"), "--audit-rate", "1.5"])
+    assert "--audit-rate must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_replicas_with_the_report_rate_withheld(replicas, routellm):
+    # Audited replicas, independent or sharing, serve the whole stream; one audited router is
+    # the replay with the report rate withheld.
+    ds, feats = routellm
+    stream = make_stream(ds, "gsm8k", "long", 3)
+    ctx = RunContext(ds, stream, 0.769, 0.3, features=feats, list_cost=ds.cost.mean(axis=0), audit_rate=0.02,
+                     withhold_report_rate=True)
+    run = run_policy("slarouter", ctx)
+    sat, cost = replicas.run(ds, feats, "gsm8k", 0.769, 0.3, 3, 1, audit_rate=0.02)
+    assert sat == run["satisfaction"]
+    assert cost == pytest.approx(run["cost_per_request"], rel=1e-12)
 
 
 # --- replicas sharing one SLA: Router.share() and Router.set_peers() ---------------------------
@@ -156,6 +172,11 @@ def _bad_shares(sh):
         ("must be a share", [sh, 3]),
         ("more exposure", [dict(sh, exposure=[[sh["requests"]] * 3] * 3)]),
         ("more complaints", [dict(sh, complaints=[sh["requests"], 1.0, 0.0])]),
+        ("lacks", [{k: v for k, v in sh.items() if k != "rho_sensitivity"}]),
+        (">= 0", [dict(sh, rho_sensitivity=-1.0)]),
+        ("finite", [dict(sh, audited_unsatisfied=float("inf"))]),
+        ("complained than audited", [dict(sh, audited_unsatisfied=1.0, audited_unsatisfied_complained=2.0)]),
+        ("audited-unsatisfied requests .* than audits", [dict(sh, audited_unsatisfied=sum(sh["audits"]) + 5.0)]),
     ]
 
 
@@ -209,6 +230,61 @@ def test_replicas_that_estimate_the_report_rate_share_too():
     assert _drive(b, 300, start=300) == _drive(r, 300, start=300)
 
 
+def _audited_router(seed, n, rho, rng, audit_rate, tag):
+    truth = {"small": 0.45, "mid": 0.8, "large": 0.95}
+    router = Router(MODELS, 0.8, seed=seed)  # report rate withheld
+    for i in range(n):
+        d = router.route(f"{tag} question {i}")
+        ok = rng.random() < truth[d.model]
+        if not ok and rng.random() < rho:
+            router.complain(d.request_id)
+        if rng.random() < audit_rate:
+            router.audit(d.request_id, ok)
+    for i in range(n, n + 1100):  # close every window: the audited requests are full observations
+        router.route(f"{tag} question {i}")
+    return router
+
+
+def test_replicas_pool_their_report_rate_evidence():
+    # A replica without audits of its own assumes min_report_rate; its peers' closed
+    # audited-unsatisfied requests give it their estimate of the true rate (0.3).
+    rng = np.random.default_rng(11)
+    peers = [_audited_router(s, 3000, 0.3, rng, 0.2, f"p{s}") for s in (1, 2)]
+    shares = [p.share() for p in peers]
+    st = peers[0].stats()
+    assert shares[0]["audited_unsatisfied"] == st["audited_unsatisfied"] > 50
+    assert shares[0]["audited_unsatisfied_complained"] == st["audited_unsatisfied_complained"]
+    assert shares[0]["rho_sensitivity"] > 0
+    r = _audited_router(3, 200, 0.3, rng, 0.0, "own")
+    assert r.stats()["report_rate"] == pytest.approx(0.05)
+    r.set_peers(shares)
+    pooled = sum(sh["audited_unsatisfied_complained"] for sh in shares) / sum(sh["audited_unsatisfied"] for sh in shares)
+    assert abs(r.stats()["report_rate"] - pooled) < 0.05
+    assert abs(r.stats()["report_rate"] - 0.3) < 0.08
+    # A replica's share counts its own audits only, whatever it pooled.
+    peers[0].set_peers([shares[1]])
+    assert peers[0].share()["audited_unsatisfied"] == shares[0]["audited_unsatisfied"]
+
+
+def test_pooled_report_rate_errors_add_up_across_replicas():
+    # One pooled estimate errs the same way for every replica, so the whole stream's variance
+    # carries (s_own + s_peers)^2 var(rho), not s_own^2 var(rho) + s_peers^2 var(rho) (each
+    # replica's shared variance holds its own s^2 var(rho)): 2 s_own s_peer var(rho) more.
+    rng = np.random.default_rng(12)
+    a, b = (_audited_router(s, 2000, 0.3, rng, 0.05, f"r{s}") for s in (1, 2))
+    sb = b.share()
+    assert a.share()["rho_sensitivity"] > 0 and sb["rho_sensitivity"] > 0
+
+    def variance(sensitivity):
+        a.set_peers([dict(sb, rho_sensitivity=sensitivity)])
+        return a._core.estimates()["variance"]
+
+    base = variance(0.0)
+    one, two = variance(sb["rho_sensitivity"]) - base, variance(2 * sb["rho_sensitivity"]) - base
+    assert one > 0
+    assert two == pytest.approx(2 * one, rel=1e-9)
+
+
 def test_peers_survive_save_and_load(tmp_path):
     peer = _router(seed=1)
     _drive(peer, 700)
@@ -221,20 +297,26 @@ def test_peers_survive_save_and_load(tmp_path):
     assert loaded.to_bytes() == r.to_bytes()
 
 
-def test_version_2_state_files_still_load():
-    # A version-2 file is the version-3 state of a router without peers, less the peers' record
-    # (three doubles and six empty vectors).
+def _older_version(data, version, strip):
+    # The same router in an older format: its payload less the last ``strip`` bytes.
+    head = struct.Struct("<8sII")
+    magic, current, clen = head.unpack_from(data, 0)
+    assert current == 4
+    payload = data[head.size + clen: len(data) - 12][:-strip]
+    old = head.pack(magic, version, clen) + data[head.size: head.size + clen] + payload
+    return old + struct.pack("<QI", len(payload), zlib.crc32(old) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("version, strip", [
+    (3, 4 * 8),                      # without the peers' report-rate evidence (four doubles)
+    (2, 4 * 8 + 3 * 8 + 6 * 8),      # without the peers' record (and three doubles, six empty vectors)
+])
+def test_older_state_files_still_load(version, strip):
     r = _router(seed=4)
     _drive(r, 300)
-    data = r.to_bytes()
-    head = struct.Struct("<8sII")
-    magic, version, clen = head.unpack_from(data, 0)
-    assert version == 3
-    payload = data[head.size + clen: len(data) - 12][: -(3 * 8 + 6 * 8)]
-    old = head.pack(magic, 2, clen) + data[head.size: head.size + clen] + payload
-    old += struct.pack("<QI", len(payload), zlib.crc32(old) & 0xFFFFFFFF)
-    loaded = Router.from_bytes(old)
+    loaded = Router.from_bytes(_older_version(r.to_bytes(), version, strip))
     assert _drive(loaded, 200, start=300) == _drive(r, 200, start=300)
+    assert loaded.to_bytes() == r.to_bytes()
 
 
 def test_a_corrupt_peers_record_is_refused():
@@ -246,9 +328,9 @@ def test_a_corrupt_peers_record_is_refused():
     head = struct.Struct("<8sII")
     _, _, clen = head.unpack_from(data, 0)
     end = len(data) - 12
-    # The peers' record ends with six per-model vectors of 3 doubles (8 + 24 bytes each); make
-    # the request count negative (the first double of the record).
-    start = end - (3 * 8 + 6 * (8 + 24))
+    # The peers' record: three doubles, six per-model vectors of 3 doubles (8 + 24 bytes each),
+    # four doubles; make the request count negative (its first double).
+    start = end - (3 * 8 + 6 * (8 + 24) + 4 * 8)
     data[start:start + 8] = struct.pack("<d", -5.0)
     body = bytes(data[:end])
     fixed = body[: len(body)] + struct.pack("<QI", len(body) - head.size - clen, zlib.crc32(body) & 0xFFFFFFFF)

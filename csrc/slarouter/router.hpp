@@ -95,6 +95,9 @@ struct Estimates {
     // pessimistic delay tails (section 2) and accuracies: the range the delay model leaves open
     // (stats()' interval; not saved, not used by the decisions).
     double unsat_lo = 0.0, unsat_hi = 0.0;
+    // With the report rate estimated: how much unsat moves per unit of the estimate's error
+    // (|d unsat / d rho|), which replicas pooling their report-rate evidence share (section 12).
+    double rho_sens = 0.0;
     double rho_false = 0.0;       // false-complaint rate in use
     double complaint_weight = 1.0;  // scales 1 / (rho - rho_false) per complaint (1 when rho is known)
     std::int64_t n = 0;           // requests routed when computed
@@ -195,6 +198,9 @@ private:
 struct Peers {
     double n = 0.0, unsat = 0.0, var = 0.0;
     std::vector<double> exposure[3], complaints, audits, audits_sat;
+    // The report-rate evidence (format version 4): closed audited-unsatisfied requests, those of
+    // them that complained, and the sum and the sum of squares of the peers' rho_sens.
+    double rho_n = 0.0, rho_c = 0.0, rho_s = 0.0, rho_s2 = 0.0;
     bool models() const { return !complaints.empty(); }
 };
 
@@ -358,11 +364,15 @@ public:
     Peers share() const {
         std::lock_guard<std::mutex> lock(mu_);
         Estimates e;
-        refresh_locked(e, /*with_peers=*/false);
+        refresh_locked(e, /*with_peers=*/false, /*pool_rho=*/true);
         Peers p;
         p.n = static_cast<double>(t_);
         p.unsat = e.unsat;
         p.var = e.var_own;
+        p.rho_n = static_cast<double>(rho_n_);
+        p.rho_c = static_cast<double>(rho_c_);
+        p.rho_s = e.rho_sens;
+        p.rho_s2 = e.rho_sens * e.rho_sens;
         const bool reached = delays_reached();
         p.exposure[0] = tail_exposure(kTailDecay, reached);
         p.exposure[1] = tail_exposure(kTailFlat, reached);
@@ -395,13 +405,20 @@ public:
         auto bad = [](double v) { return !std::isfinite(v) || v < 0.0; };
         if (bad(p.n) || bad(p.unsat) || bad(p.var)) fail("requests, unsatisfied and variance must be finite and >= 0");
         if (p.unsat > p.n) fail("more unsatisfied requests than requests");
+        if (bad(p.rho_n) || bad(p.rho_c) || bad(p.rho_s) || bad(p.rho_s2))
+            fail("the report-rate evidence must be finite and >= 0");
+        if (p.rho_c > p.rho_n) fail("more audited-unsatisfied requests that complained than audited-unsatisfied requests");
         const std::size_t want = p.models() ? static_cast<std::size_t>(cfg_.n_models) : 0;
         for (const auto* v : {&p.exposure[0], &p.exposure[1], &p.exposure[2], &p.complaints, &p.audits, &p.audits_sat}) {
             if (v->size() != want) fail("per-model evidence must have one entry per model");
             for (double x : *v) if (bad(x)) fail("per-model evidence must be finite and >= 0");
         }
-        for (std::size_t k = 0; k < want; ++k)
+        double audits = 0.0;
+        for (std::size_t k = 0; k < want; ++k) {
             if (p.audits_sat[k] > p.audits[k]) fail("more satisfied audits than audits");
+            audits += p.audits[k];
+        }
+        if (p.rho_n > audits * (1.0 + 1e-12)) fail("more audited-unsatisfied requests than audits");
     }
 
     // The peers' request count and estimated unsatisfied count, as last set.
@@ -474,6 +491,8 @@ public:
         for (double v : {pr.n, pr.unsat, pr.var}) put(&v, sizeof v);
         put_vec(pr.exposure[0]); put_vec(pr.exposure[1]); put_vec(pr.exposure[2]);
         put_vec(pr.complaints); put_vec(pr.audits); put_vec(pr.audits_sat);
+        // Their report-rate evidence (format version 4; a version-3 state ends before it).
+        for (double v : {pr.rho_n, pr.rho_c, pr.rho_s, pr.rho_s2}) put(&v, sizeof v);
         return out;
     }
 
@@ -530,6 +549,8 @@ public:
             for (double* v : {&pr.n, &pr.unsat, &pr.var}) get(v, sizeof *v);
             get_est(pr.exposure[0], true); get_est(pr.exposure[1], true); get_est(pr.exposure[2], true);
             get_est(pr.complaints, true); get_est(pr.audits, true); get_est(pr.audits_sat, true);
+            if (pos != blob.size())
+                for (double* v : {&pr.rho_n, &pr.rho_c, &pr.rho_s, &pr.rho_s2}) get(v, sizeof *v);
             check_peers(pr, "state is corrupt: peers");
         }
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
@@ -1038,13 +1059,16 @@ private:
     // delay model's point estimate for its bucket), so its likelihood is 1 - rho F, and the
     // estimate does not wait for windows to close. The root is found by bisection (the log
     // posterior is concave). Never below rho_min; before any audit it is rho_min, without variance.
-    void rho_estimate(const std::vector<double>& F, const std::vector<char>& live, double* rho, double* var) const {
+    void rho_estimate(const std::vector<double>& F, const std::vector<char>& live, double* rho, double* var,
+                      const Peers* peers = nullptr) const {
         *rho = cfg_.rho_min;
         *var = 0.0;
-        if (audits_total_ == 0 || !(cfg_.rho_min < 1.0)) return;
+        if ((audits_total_ == 0 && peers == nullptr) || !(cfg_.rho_min < 1.0)) return;
         const double m = cfg_.prior_weight;
-        const double a = static_cast<double>(rho_c_ + auc_) + 0.5 * m;
-        const double b = static_cast<double>(rho_n_ - rho_c_) + 0.5 * m;
+        // The peers' closed audited-unsatisfied requests are full observations too.
+        const double pn = peers ? peers->rho_n : 0.0, pc = peers ? peers->rho_c : 0.0;
+        const double a = static_cast<double>(rho_c_ + auc_) + pc + 0.5 * m;
+        const double b = static_cast<double>(rho_n_ - rho_c_) + (pn - pc) + 0.5 * m;
         // d log posterior / d rho, decreasing in rho: the mode is its root.
         auto slope = [&](double r) {
             double g = a / r - b / (1.0 - r);
@@ -1129,7 +1153,9 @@ private:
         return static_cast<double>(t_) - static_cast<double>(cfg_.bins - 1) * static_cast<double>(cfg_.bin_width()) > 0.0;
     }
 
-    void refresh_locked(Estimates& e, bool with_peers = true) const {
+    // with_peers: the peers' evidence counts; pool_rho: at least their report-rate evidence does
+    // (share(): this router's own count, at the report rate every replica estimates).
+    void refresh_locked(Estimates& e, bool with_peers = true, bool pool_rho = false) const {
         const int K = cfg_.n_models;
         const double N = static_cast<double>(t_);
         e.n = t_;
@@ -1171,7 +1197,8 @@ private:
             }
         }
         double rho = cfg_.rho, var_rho = 0.0;
-        if (!(rho > 0.0)) rho_estimate(sc.Fb[kTailDecay], sc.live, &rho, &var_rho);
+        const Peers* rho_peers = (with_peers || pool_rho) && peers_.rho_n > 0.0 ? &peers_ : nullptr;
+        if (!(rho > 0.0)) rho_estimate(sc.Fb[kTailDecay], sc.live, &rho, &var_rho, rho_peers);
         double rf = std::min(cfg_.rho_false, 0.5 * rho);
         e.rho = rho;
         double epend = 0.0, prem = 0.0, nexp = 0.0, epend_lo = 0.0, epend_hi = 0.0;
@@ -1186,8 +1213,9 @@ private:
         e.complaint_weight = 1.0;
         e.rho_false = rf;
         double grow = 1.0;
-        if (!(cfg_.rho > 0.0) && audits_total_ > 0 && N > 0.0) {
-            const double w = combine_audits_locked(e, complaints, nexp, prem, var_rho, &grow);
+        e.rho_sens = 0.0;
+        if (!(cfg_.rho > 0.0) && (audits_total_ > 0 || rho_peers != nullptr) && N > 0.0) {
+            const double w = combine_audits_locked(e, complaints, nexp, prem, var_rho, &grow, &e.rho_sens);
             cw = w;
             // The report rate in use is the one the combined count implies for the complaints
             // received; the per-model accuracies are recomputed with it, so that every audit,
@@ -1219,6 +1247,13 @@ private:
         e.var_own = e.var;
         const double pn = with_peers ? peers_.n : 0.0, pu = with_peers ? peers_.unsat : 0.0;
         if (with_peers) e.var += peers_.var;
+        // Replicas that pool their report-rate evidence share one estimate, so its error moves
+        // every replica's count the same way: its variance is (sum of the sensitivities)^2
+        // var(rho), not the sum of each replica's own part that the shared variances hold.
+        if (with_peers && peers_.rho_s > 0.0) {
+            const double st = e.rho_sens + peers_.rho_s;
+            e.var += std::max(0.0, st * st - (e.rho_sens * e.rho_sens + peers_.rho_s2)) * var_rho;
+        }
         const double Ng = N + pn, Ug = e.unsat + pu;
         const double H = std::max(cfg_.payback_min, std::min(Ng, horizon));
         e.payback = H;
@@ -1336,7 +1371,7 @@ private:
     // horizon: the combined variance in excess of the variance with rho known, per request, over
     // the variance per request of the complaint process with rho known, u (1 - rho u) / rho.
     double combine_audits_locked(Estimates& e, double complaints, double nexp, double prem, double var_rho,
-                                 double* grow) const {
+                                 double* grow, double* sens) const {
         const double N = static_cast<double>(t_);
         const double rho = e.rho, rf = e.rho_false;
         const double p = cfg_.unsat_prior, u_prior = 1.0 - cfg_.alpha;
@@ -1361,6 +1396,8 @@ private:
         e.unsat = std::max(unsat, lower);
         e.var = var;
         *grow = 1.0 + std::max(0.0, var - vk) / (N * ub * (1.0 - rho * ub) / rho);
+        // |d unsat / d rho|: the complaint-based count, of weight w, goes as 1 / (rho - rho_false).
+        *sens = w * N * ub / (rho - rf);
         return w;
     }
 

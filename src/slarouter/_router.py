@@ -20,9 +20,10 @@ from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
 __all__ = ["Model", "Decision", "Router"]
 
 _MAGIC = b"SLAROUTR"
-_FORMAT_VERSION = 3  # 3: the peers' evidence (set_peers) follows the state
-_READABLE_VERSIONS = (2, 3)  # a version-2 file is a state without peers
-_SHARE_KEYS = ("requests", "unsatisfied", "variance", "exposure", "complaints", "audits", "audits_satisfied")
+_FORMAT_VERSION = 4  # 3: the peers' evidence (set_peers) follows the state; 4: with their report-rate evidence
+_READABLE_VERSIONS = (2, 3, 4)  # a version-2 file is a state without peers, a version-3 one without the last
+_SHARE_KEYS = ("requests", "unsatisfied", "variance", "exposure", "complaints", "audits", "audits_satisfied",
+               "audited_unsatisfied", "audited_unsatisfied_complained", "rho_sensitivity")
 _HEADER = struct.Struct("<8sII")  # magic, format version, config length
 _TRAILER = struct.Struct("<QI")  # payload length, crc32 of everything before it
 
@@ -440,8 +441,10 @@ class Router:
 
         A JSON-serialisable dict: the request count, the estimated unsatisfied count and its
         variance, and per model the exposures (requests whose complaints are in, under the three
-        delay assumptions), complaints, audits and satisfied audits; plus the models, the SLA and
-        the report rate, which every replica sharing the SLA must have in common. Publish it
+        delay assumptions), complaints, audits and satisfied audits; the report-rate evidence
+        (closed audited-unsatisfied requests, how many of them complained, and how much the
+        count moves with the report rate's estimate); plus the models, the SLA and the report
+        rate, which every replica sharing the SLA must have in common. Publish it
         (e.g. to a key-value store) and pass the other replicas' latest ones to ``set_peers``.
         See docs/api.md, "Several processes or replicas".
         """
@@ -462,13 +465,14 @@ class Router:
         own. Every share is checked before anything changes: a share from a router with other
         models, another SLA or another report rate, or with a value that is not a finite count,
         raises ``ValueError`` and leaves the router as it was. With the report rate estimated from
-        audits, each replica estimates it from its own audits.
+        audits, the replicas' audited-unsatisfied requests are pooled into one estimate.
         """
         if isinstance(shares, Mapping) or not isinstance(shares, Iterable):
             raise TypeError("shares must be an iterable of share() dicts (the other replicas'), not "
                             f"{type(shares).__name__}")
         K = len(self._names)
         total = [0.0, 0.0, 0.0]
+        rho_ev = [0.0, 0.0, 0.0, 0.0]  # audited unsatisfied, of which complained, sensitivity, its square
         per = {key: np.zeros(K) for key in ("complaints", "audits", "audits_satisfied")}
         exposure = np.zeros((3, K))
         n_shares = 0
@@ -493,6 +497,15 @@ class Router:
                 total[j] += v
             if sh["unsatisfied"] > sh["requests"]:
                 raise ValueError(f"{where} has more unsatisfied requests than requests")
+            ev = []
+            for key in ("audited_unsatisfied", "audited_unsatisfied_complained", "rho_sensitivity"):
+                v = _finite_number(sh[key], f"{where}[{key!r}]")
+                if v < 0:
+                    raise ValueError(f"{where}[{key!r}] must be >= 0, got {v}")
+                ev.append(v)
+            if ev[1] > ev[0]:
+                raise ValueError(f"{where} has more audited-unsatisfied requests that complained than "
+                                 "audited-unsatisfied requests")
             for key in per:
                 per[key] += self._share_vector(sh[key], f"{where}[{key!r}]", K)
             exp = sh["exposure"]
@@ -509,11 +522,17 @@ class Router:
                             ("audits", float(np.sum(sh["audits"])))):
                 if v > float(sh["requests"]) + tol:
                     raise ValueError(f"{where} counts more {what} ({v}) than requests ({sh['requests']})")
+            if ev[0] > float(np.sum(sh["audits"])) + tol:
+                raise ValueError(f"{where} counts more audited-unsatisfied requests ({ev[0]}) than audits")
+            rho_ev[0] += ev[0]
+            rho_ev[1] += ev[1]
+            rho_ev[2] += ev[2]
+            rho_ev[3] += ev[2] * ev[2]
             n_shares += 1
         models = n_shares > 0
         vec = (lambda v: [float(x) for x in v]) if models else (lambda v: [])
         self._core.set_peers(total[0], total[1], total[2], [vec(exposure[t]) for t in range(3)],
-                             vec(per["complaints"]), vec(per["audits"]), vec(per["audits_satisfied"]))
+                             vec(per["complaints"]), vec(per["audits"]), vec(per["audits_satisfied"]), *rho_ev)
 
     def _whole_stream(self, n: int, unsat: float) -> Dict[str, float]:
         pn, pu = self._core.peer_counts()
