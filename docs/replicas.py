@@ -20,6 +20,10 @@ requests arrives d requests of the stream later. Without it (K = 0) they are ind
 Usage (from the repository root, slarouter importable):
 
     python docs/replicas.py ../shared/data/llama3-zoo [--seeds 0-4] [--replicas 1 2 4 8] [--share K]
+                            [--audit-rate A]
+
+With ``--audit-rate A`` the routers are not told the report rate and estimate it from audits of a
+fraction A of the requests (the true label, delivered when the complaint would be).
 """
 import argparse
 import sys
