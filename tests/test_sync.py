@@ -181,7 +181,7 @@ def _replica_process(path, name, seed, n, barrier):
     for i in range(0, n, 50):
         _drive(r, 50, start=i)
         s.sync()
-    barrier.wait()  # every replica has published its last share
+    barrier.wait(60)  # every replica has published its last share
     s.sync()
     with open(os.path.join(path, f"{name}.result"), "w") as f:
         json.dump(r.stats()["whole_stream"], f)
@@ -195,9 +195,14 @@ def test_replica_processes_on_one_host_share_the_whole_stream(tmp_path):
              for i, (name, n) in enumerate(counts.items())]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    try:
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
     for name in counts:
         ws = json.loads((tmp_path / f"{name}.result").read_text())
         assert ws["requests"] == sum(counts.values())
