@@ -392,9 +392,9 @@ class Router:
         n = c["requests"]
         zc = NormalDist().inv_cdf(0.5 + self._config["confidence"] / 2)
         if n > 0:
-            # The interval: the count's sampling error (this router's own, without the queue's
-            # walk) around the range of counts the delay model leaves open while complaints may
-            # still be on their way (docs/algorithm.md, section 4).
+            # The interval: the margin's standard error of the count around the range of counts
+            # the delay model leaves open while complaints may still be on their way
+            # (docs/algorithm.md, section 4).
             sat = 1.0 - e["unsatisfied"] / n
             half = zc * math.sqrt(max(e["variance"], 0.0)) / n
             sat_low = max(0.0, 1.0 - e["unsatisfied_high"] / n - half)
@@ -471,8 +471,10 @@ class Router:
             raise TypeError("shares must be an iterable of share() dicts (the other replicas'), not "
                             f"{type(shares).__name__}")
         K = len(self._names)
-        total = [0.0, 0.0, 0.0]
-        rho_ev = [0.0, 0.0, 0.0, 0.0]  # audited unsatisfied, of which complained, sensitivity, its square
+        scalars = ("requests", "unsatisfied", "variance", "audited_unsatisfied", "audited_unsatisfied_complained",
+                   "rho_sensitivity")
+        total = dict.fromkeys(scalars, 0.0)
+        rho_s2 = 0.0  # the sum of the squared sensitivities
         per = {key: np.zeros(K) for key in ("complaints", "audits", "audits_satisfied")}
         exposure = np.zeros((3, K))
         n_shares = 0
@@ -490,20 +492,14 @@ class Router:
                 raise ValueError(f"{where} comes from a router with sla {sh['sla']} and report_rate "
                                  f"{sh['report_rate']}; this one has {self._config['sla']} and "
                                  f"{self._config['report_rate']}")
-            for j, key in enumerate(("requests", "unsatisfied", "variance")):
-                v = _finite_number(sh[key], f"{where}[{key!r}]")
-                if v < 0:
-                    raise ValueError(f"{where}[{key!r}] must be >= 0, got {v}")
-                total[j] += v
-            if sh["unsatisfied"] > sh["requests"]:
+            ev = {}
+            for key in scalars:
+                ev[key] = _finite_number(sh[key], f"{where}[{key!r}]")
+                if ev[key] < 0:
+                    raise ValueError(f"{where}[{key!r}] must be >= 0, got {ev[key]}")
+            if ev["unsatisfied"] > ev["requests"]:
                 raise ValueError(f"{where} has more unsatisfied requests than requests")
-            ev = []
-            for key in ("audited_unsatisfied", "audited_unsatisfied_complained", "rho_sensitivity"):
-                v = _finite_number(sh[key], f"{where}[{key!r}]")
-                if v < 0:
-                    raise ValueError(f"{where}[{key!r}] must be >= 0, got {v}")
-                ev.append(v)
-            if ev[1] > ev[0]:
+            if ev["audited_unsatisfied_complained"] > ev["audited_unsatisfied"]:
                 raise ValueError(f"{where} has more audited-unsatisfied requests that complained than "
                                  "audited-unsatisfied requests")
             for key in per:
@@ -522,17 +518,19 @@ class Router:
                             ("audits", float(np.sum(sh["audits"])))):
                 if v > float(sh["requests"]) + tol:
                     raise ValueError(f"{where} counts more {what} ({v}) than requests ({sh['requests']})")
-            if ev[0] > float(np.sum(sh["audits"])) + tol:
-                raise ValueError(f"{where} counts more audited-unsatisfied requests ({ev[0]}) than audits")
-            rho_ev[0] += ev[0]
-            rho_ev[1] += ev[1]
-            rho_ev[2] += ev[2]
-            rho_ev[3] += ev[2] * ev[2]
+            if ev["audited_unsatisfied"] > float(np.sum(sh["audits"])) + tol:
+                raise ValueError(f"{where} counts more audited-unsatisfied requests ({ev['audited_unsatisfied']}) "
+                                 "than audits")
+            for key in scalars:
+                total[key] += ev[key]
+            rho_s2 += ev["rho_sensitivity"] * ev["rho_sensitivity"]
             n_shares += 1
         models = n_shares > 0
         vec = (lambda v: [float(x) for x in v]) if models else (lambda v: [])
-        self._core.set_peers(total[0], total[1], total[2], [vec(exposure[t]) for t in range(3)],
-                             vec(per["complaints"]), vec(per["audits"]), vec(per["audits_satisfied"]), *rho_ev)
+        self._core.set_peers(total["requests"], total["unsatisfied"], total["variance"],
+                             [vec(exposure[t]) for t in range(3)], vec(per["complaints"]), vec(per["audits"]),
+                             vec(per["audits_satisfied"]), total["audited_unsatisfied"],
+                             total["audited_unsatisfied_complained"], total["rho_sensitivity"], rho_s2)
 
     def _whole_stream(self, n: int, unsat: float) -> Dict[str, float]:
         pn, pu = self._core.peer_counts()
