@@ -10,7 +10,7 @@ import struct
 import tempfile
 import zlib
 from statistics import NormalDist
-from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -45,6 +45,27 @@ class Decision(NamedTuple):
 
 
 ModelSpec = Union[Model, Mapping[str, Any], Sequence[Any]]
+
+
+def write_atomically(path: str, data: bytes, *, prefix: str, durable: bool,
+                     replace: Callable[[str, str], None] = os.replace) -> None:
+    """Write ``data`` to a temporary file beside ``path`` (flushed to disk first when
+    ``durable``), then move it over ``path`` with ``replace``: a reader sees the old file or the
+    new one, never a part. The temporary file is removed if anything fails."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _is_int(x: Any) -> bool:
@@ -600,23 +621,8 @@ class Router:
             raise StateFileError(f"{source}: {exc}") from None
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the router to ``path`` atomically (a temporary file, then a rename)."""
-        data = self.to_bytes()
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".slarouter-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Write the router to ``path`` atomically (a temporary file, fsync, then a rename)."""
+        write_atomically(os.fspath(path), self.to_bytes(), prefix=".slarouter-", durable=True)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Router":

@@ -20,12 +20,11 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from typing import Any, Dict, Mapping, Optional, Protocol, Union
 
-from ._router import Router
+from ._router import Router, write_atomically
 
 __all__ = ["DirectoryStore", "PeerSync", "RedisStore", "Store"]
 
@@ -83,17 +82,8 @@ class DirectoryStore:
 
     def put(self, replica: str, data: bytes) -> None:
         _check_name(replica)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{replica}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            _retry(lambda: os.replace(tmp, os.path.join(self.path, f"{replica}.json")))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomically(os.path.join(self.path, f"{replica}.json"), data, prefix=f".{replica}.", durable=False,
+                         replace=lambda src, dst: _retry(lambda: os.replace(src, dst)))
 
     def items(self) -> Dict[str, bytes]:
         out = {}
