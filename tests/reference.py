@@ -1074,6 +1074,11 @@ class ReferenceRouter:
         nexp = 0.0
         epend_lo = 0.0
         epend_hi = 0.0
+
+        def to_come(u: float, F: float) -> float:
+            """Expected complaints still to come from a silent pending request."""
+            return u * (1.0 - F) / _max(1.0 - rho * u * F, 1e-9)
+
         for k in range(K):
             p0 = 0.5 if math.isnan(self.prior[k]) else self.prior[k]
             m0 = self.prior_weight / rho
@@ -1119,16 +1124,11 @@ class ReferenceRouter:
                 if nc == 0.0:
                     continue
                 F = Fb[TAIL_DECAY][r]
-                u = 1.0 - a
-                epend += nc * u * (1.0 - F) / _max(1.0 - rho * u * F, 1e-9)
+                epend += nc * to_come(1.0 - a, F)
                 prem += nc * (1.0 - F)
                 # Fewest complaints to come (optimistic tail and accuracy) and most (pessimistic).
-                ul = 1.0 - _min(e.ucb[k], 1.0)
-                fl = Fb[TAIL_NONE][r]
-                epend_lo += nc * ul * (1.0 - fl) / _max(1.0 - rho * ul * fl, 1e-9)
-                uh = 1.0 - e.lcb[k]
-                fh = Fb[TAIL_FLAT][r]
-                epend_hi += nc * uh * (1.0 - fh) / _max(1.0 - rho * uh * fh, 1e-9)
+                epend_lo += nc * to_come(1.0 - _min(e.ucb[k], 1.0), Fb[TAIL_NONE][r])
+                epend_hi += nc * to_come(1.0 - e.lcb[k], Fb[TAIL_FLAT][r])
             e.cmean[k] = (self.cost[k] + self.cost_sum[k]) / (1.0 + float(self.cost_n[k]))
         return epend, prem, nexp, epend_lo, epend_hi
 

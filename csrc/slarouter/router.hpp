@@ -1285,6 +1285,9 @@ private:
         const std::vector<double>& Fnone = sc.Fb[reached ? kTailDecay : kTailNone];
         const std::vector<double>& Fflat = sc.Fb[reached ? kTailDecay : kTailFlat];
         double epend_lo = 0.0, epend_hi = 0.0;
+        // Expected complaints still to come from a silent pending request, at unsatisfied rate u
+        // with the fraction F of its complaints already in.
+        auto to_come = [rho](double u, double F) { return u * (1.0 - F) / std::max(1.0 - rho * u * F, 1e-9); };
         const std::vector<double>& n_decay = tail_exposure(kTailDecay, reached);
         const std::vector<double>& n_flat = tail_exposure(kTailFlat, reached);
         const std::vector<double>& n_none = tail_exposure(kTailNone, reached);
@@ -1338,15 +1341,12 @@ private:
                 const double nc = static_cast<double>(pendnc_[k * nb_ring_ + r]);
                 if (nc == 0.0) continue;
                 const double F = Fdecay[r];
-                const double u = 1.0 - a;
-                epend += nc * u * (1.0 - F) / std::max(1.0 - rho * u * F, 1e-9);
+                epend += nc * to_come(1.0 - a, F);
                 prem += nc * (1.0 - F);
                 // Fewest complaints to come: every complaint in by the observed delays, the
                 // optimistic accuracy; most: the pessimistic tail and accuracy.
-                const double ul = 1.0 - std::min(e.ucb[k], 1.0), fl = Fnone[r];
-                epend_lo += nc * ul * (1.0 - fl) / std::max(1.0 - rho * ul * fl, 1e-9);
-                const double uh = 1.0 - e.lcb[k], fh = Fflat[r];
-                epend_hi += nc * uh * (1.0 - fh) / std::max(1.0 - rho * uh * fh, 1e-9);
+                epend_lo += nc * to_come(1.0 - std::min(e.ucb[k], 1.0), Fnone[r]);
+                epend_hi += nc * to_come(1.0 - e.lcb[k], Fflat[r]);
             }
             e.cmean[k] = (cfg_.cost[k] + cost_sum_[k]) / (1.0 + static_cast<double>(cost_n_[k]));
         }
