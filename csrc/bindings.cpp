@@ -343,6 +343,7 @@ public:
             held_ = true;
             const BatchStart st = batch_begin_locked(B);
             const Plan& p = st.plan;
+            held_plan_ = p;
             const Estimates& e = estimates_in_use();
             py::dict d;
             d["regime"] = p.regime;
@@ -354,6 +355,7 @@ public:
             d["w"] = p.w;
             d["rng"] = st.rng;
             d["first_id"] = st.first_id;
+            d["remember"] = remembers_failures() && p.regime != Plan::kServeOne;
             const Config& cfg = config();
             d["tilt"] = cfg.tilt;
             d["beta"] = cfg.beta;
@@ -421,6 +423,20 @@ public:
         }
         held_ = false;
         mutex().unlock();
+    }
+
+    // Phase 2b for a Python-side kernel: the remembered failures (Router::remembered) applied to
+    // the models the kernel chose, in place; X holds the batch's dense features on the host.
+    void batch_remember_py(FloatArray X, Int32Array models) {
+        if (!held_) throw std::runtime_error("batch_remember without batch_begin");
+        const std::int64_t B = models.shape(0);
+        if (X.ndim() != 2 || X.shape(0) != B || X.shape(1) != config().dim)
+            throw std::invalid_argument("batch_remember: X must have shape (B, dim)");
+        std::int32_t* mp = models.mutable_data();
+        for (std::int64_t r = 0; r < B; ++r)
+            if (mp[r] < 0 || mp[r] >= config().n_models) throw std::invalid_argument("model index out of range in batch_remember");
+        py::gil_scoped_release nogil;
+        remembered_rows(held_plan_, X.data(), B, mp);
     }
 
     void batch_abort_py() {
@@ -514,6 +530,7 @@ private:
     }
 
     bool held_ = false;
+    Plan held_plan_;  // the plan of the batch held between batch_begin and batch_commit
     std::vector<py::object> names_;
     py::object decision_type_, unknown_error_, duplicate_error_, check_features_, check_cost_;
 };
@@ -553,7 +570,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("unsat_prior", &Config::unsat_prior)
         .def_readwrite("top_cost", &Config::top_cost)
         .def_readwrite("valve", &Config::valve)
-        .def_readwrite("refresh", &Config::refresh);
+        .def_readwrite("refresh", &Config::refresh)
+        .def_readwrite("memory", &Config::memory);
 
     m.attr("APPLIED") = static_cast<int>(kApplied);
     m.attr("CLOSED") = static_cast<int>(kClosed);
@@ -579,6 +597,7 @@ PYBIND11_MODULE(_core, m) {
         .def("batch_commit", &PyRouter::batch_commit_py, py::arg("models"), py::arg("explored"), py::arg("tail"),
              py::arg("grad"))
         .def("batch_abort", &PyRouter::batch_abort_py)
+        .def("batch_remember", &PyRouter::batch_remember_py, py::arg("X"), py::arg("models"))
         .def_static("uniform_draw", &Router::draw, py::arg("state"), py::arg("i"))
         .def("estimates", [](const PyRouter& r) { return estimates_dict(r.estimates()); })
         .def("share",
@@ -632,6 +651,7 @@ PYBIND11_MODULE(_core, m) {
                  d["explored"] = c.explored;
                  d["audited_unsatisfied"] = c.audited_unsatisfied;
                  d["audited_unsatisfied_complained"] = c.audited_unsatisfied_complained;
+                 d["failures_remembered"] = c.failures_remembered;
                  d["served"] = c.served;
                  d["complaints_per_model"] = c.complaints_per_model;
                  d["audits_per_model"] = c.audits_per_model;

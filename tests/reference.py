@@ -153,6 +153,23 @@ def mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def feature_key(val: Sequence[float], idx: Optional[Sequence[int]], n: int) -> int:
+    """The key of a request's first n features in the failure memory (router.hpp, feature_key)."""
+    bits = [struct.unpack("<I", struct.pack("<f", v))[0] for v in val[:n]]
+    if idx is None:  # dense: two values per word
+        words = [bits[2 * j] | ((bits[2 * j + 1] if 2 * j + 1 < n else 0) << 32) for j in range((n + 1) // 2)]
+    else:
+        words = [((idx[j] & 0xFFFFFFFF) << 32) | bits[j] for j in range(n)]
+    lane = [(0x9E3779B97F4A7C15 * (q + 1)) & MASK64 for q in range(8)]
+    for j, w in enumerate(words):
+        x = ((lane[j % 8] ^ w) * 0xFF51AFD7ED558CCD) & MASK64
+        lane[j % 8] = x ^ (x >> 32)
+    h = n
+    for x in lane:
+        h = mix64(h ^ x)
+    return h | 1
+
+
 # ---------------------------------------------------------------------------------------------
 # features.hpp: hashed word unigrams and bigrams
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +298,8 @@ STATE_LAYOUT: List[Tuple[str, Any]] = [
     ("peers.complaints", np.float64), ("peers.audits", np.float64), ("peers.audits_sat", np.float64),
     # Their report-rate evidence (format version 4).
     ("peers.rho_n", "d"), ("peers.rho_c", "d"), ("peers.rho_s", "d"), ("peers.rho_s2", "d"),
+    # The failure memory (format version 5): empty until the first failure is remembered.
+    ("mem_key", np.uint64), ("mem_mask", np.uint64),
 ]
 
 
@@ -470,6 +489,10 @@ class ReferenceRouter:
         self.next_refresh = 0  # the estimates in use are recomputed at the first request from here
         self.closed_upto = 0  # every id below this one is closed
         self.est = Estimates()  # the estimates in use between refreshes
+        # The failure memory: key per entry (0: empty) and mem_words failure bits per entry.
+        self.mem_words = (K + 63) // 64
+        self.mem_key: List[int] = []
+        self.mem_mask: List[int] = []
         # Not engine state: how often each branch of the decision was taken (for the tests).
         self.branch_counts: Counter = Counter()
 
@@ -651,6 +674,7 @@ class ReferenceRouter:
             return DUPLICATE
         self.slot_flags[s] |= COMPLAINED
         k = self.slot_model[s]
+        self._remember_failure(s, k)
         self.complaints[k] += 1
         self.complaints_total += 1
         delay = self.t - 1 - rid
@@ -692,6 +716,8 @@ class ReferenceRouter:
             else:
                 self.aunc[self._bucket_of(rid)] += 1
         k = self.slot_model[s]
+        if not satisfied:
+            self._remember_failure(s, k)
         self.audits[k] += 1
         if satisfied:
             self.audits_sat[k] += 1
@@ -747,6 +773,7 @@ class ReferenceRouter:
             "explored": self.explored,
             "audited_unsatisfied": self.rho_n,
             "audited_unsatisfied_complained": self.rho_c,
+            "failures_remembered": sum(1 for key in self.mem_key if key != 0),
             "served": list(self.served),
             "complaints_per_model": list(self.complaints),
             "audits_per_model": list(self.audits),
@@ -1258,6 +1285,64 @@ class ReferenceRouter:
     def _decide_row(self, p: Plan, f: Features, cost: Optional[List[float]], u1: float,
                     u2: float) -> Tuple[int, bool]:
         """The per-request part of the decision (decide_row): (model, explored)."""
+        k, explored = self._plan_row(p, f, cost, u1, u2)
+        m = self._remembered(p, f, k)
+        if m != k:
+            self.branch_counts["remembered"] += 1
+        return m, explored
+
+    # ---- remembered failures -----------------------------------------------------------------
+    def _key_of(self, f: Features) -> int:
+        n = min(len(f.idx), self.max_features) if self.hashed else self.dim
+        return feature_key(f.val, f.idx if self.hashed else None, n)
+
+    def _failed(self, f: Features) -> Optional[List[bool]]:
+        """Per model, whether a request with these features failed with it (None: not remembered)."""
+        key = self._key_of(f)
+        at = key & (self.memory - 1)
+        if self.mem_key[at] != key:
+            return None
+        words = self.mem_mask[at * self.mem_words:(at + 1) * self.mem_words]
+        return [bool((words[k >> 6] >> (k & 63)) & 1) for k in range(self.K)]
+
+    def _remember_failure(self, s: int, k: int) -> None:
+        """A complaint or an unsatisfied audit for the request in slot s (remember_failure)."""
+        if self.memory <= 0:
+            return
+        if not self.mem_key:
+            self.mem_key = [0] * self.memory
+            self.mem_mask = [0] * (self.memory * self.mem_words)
+        key = self._key_of(self._slot_view(s))
+        at = key & (self.memory - 1)
+        if self.mem_key[at] != key:
+            self.mem_key[at] = key
+            for w in range(self.mem_words):
+                self.mem_mask[at * self.mem_words + w] = 0
+        self.mem_mask[at * self.mem_words + (k >> 6)] |= 1 << (k & 63)
+
+    def _remembered(self, p: Plan, f: Features, k: int) -> int:
+        """The model to serve instead of k when this request failed with k before (remembered)."""
+        if not self.mem_key or p.regime == SERVE_ONE:
+            return k
+        failed = self._failed(f)
+        if failed is None or not failed[k]:
+            return k
+        if p.regime == MIX:
+            o = p.j if k == p.i else p.i
+            return k if failed[o] else o
+        e = self.est
+        best, bs = k, -math.inf
+        for m in range(self.K):
+            if failed[m]:
+                continue
+            sc = e.acc[m] - self.top_cost * e.cnorm[m]
+            if sc > bs:
+                best, bs = m, sc
+        return best
+
+    def _plan_row(self, p: Plan, f: Features, cost: Optional[List[float]], u1: float,
+                  u2: float) -> Tuple[int, bool]:
+        """The plan's choice for one request, before remembered failures (plan_row)."""
         if p.regime == SERVE_BEST:
             self.branch_counts["valve" if p.valve else "unreachable"] += 1
             if u1 < p.eps and p.cand:

@@ -40,10 +40,14 @@ def prompt(rng: random.Random) -> str:
 
 
 def dense_rows(rng: random.Random, B: int, dim: int) -> np.ndarray:
-    """B rows: some zero, most Gaussian at one of three scales; float32 or (converted by the API) float64."""
+    """B rows: some zero, some seen before (the failure memory's keys recur), most Gaussian at one of
+    three scales; float32 or (converted by the API) float64."""
     X = np.zeros((B, dim))
     for r in range(B):
-        if rng.random() > 0.1:
+        u = rng.random()
+        if u < 0.2:
+            X[r] = np.arange(dim) * rng.randint(1, 5)
+        elif u > 0.3:
             X[r] = [rng.gauss(0.0, rng.choice([0.1, 1.0, 5.0])) for _ in range(dim)]
     return X if rng.random() < 0.2 else X.astype(np.float32)
 

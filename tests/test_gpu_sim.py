@@ -69,12 +69,15 @@ def _stream(seed, window, beta, n_batches=20, max_batch=200, D=D):
     tuning = {"beta": beta} if beta else None
     router = Router(MODELS, 0.8, report_rate=0.5, features=D, seed=seed, feedback_window=window, tuning=tuning)
     true_w = rng.standard_normal((3, D))
+    pool = rng.standard_normal((8, D)).astype(np.float32)  # requests that recur (the failure memory)
     base = np.array([0.55, 0.75, 0.95])
     for step in range(n_batches):
         B = int(rng.integers(1, max_batch))
         if step == n_batches // 2:
             B = window + 57  # rows close within the batch
         X = (rng.standard_normal((B, D)) * rng.uniform(0.5, 2.0)).astype(np.float32)
+        again = rng.random(B) < 0.3
+        X[again] = pool[rng.integers(0, len(pool), int(again.sum()))]
         cost = rng.uniform(0.0, 12.0, (B, 3)) if step % 3 == 1 else None
 
         def feedback(ids, models, X=X, B=B):
@@ -139,6 +142,9 @@ def _check_kernel_exact(seed, window, beta, seen):
             spread = _lane_dots(plan, X, "g") if beta else np.zeros((1, 2))
             ids, models, explored = np.empty(B, np.int64), np.empty(B, np.int32), np.empty(B, np.uint8)
             _gpu._launch(np, _gpu._kernel_args(np, plan, dots, 0, 1, spread, cost, ids, models, explored), B)
+            if plan["remember"]:  # remembered failures, applied after the kernel as slarouter._gpu does
+                sim._core.batch_remember(X, models)
+                seen.add("remember")
         finally:
             sim._core.batch_abort()
         assert (models == m_cpu).all(), (seed, window, beta, plan["regime"], np.flatnonzero(models != m_cpu))
@@ -212,4 +218,5 @@ def simulated_checks():
     assert regimes == {0, 1, 2}, seen
     assert any(s[0] == 2 and s[1] and s[2] for s in seen if isinstance(s, tuple)), seen
     assert any(s[3] for s in seen if isinstance(s, tuple)), seen
+    assert "remember" in seen, seen
     print("simulated checks passed", sorted(seen, key=str))

@@ -55,6 +55,7 @@ TUNING = {
     "top_cost": st.floats(0.0, 0.5, **_unit),
     "valve": st.floats(0.05, 5.0, **_unit),
     "refresh": st.sampled_from([1, 2, 5, 16, 64]),
+    "memory": st.sampled_from([0, 1, 2, 16, 65536]),  # 1 and 2: entries keep replacing each other
 }
 
 
@@ -174,7 +175,9 @@ def drive(routers: List[Any], kw: Dict[str, Any], stream_seed: int, steps: int,
                 kind = rng.random()
                 if kind < 0.1:
                     x: Any = np.zeros(dim, np.float32)
-                elif kind < 0.2:
+                elif kind < 0.2:  # a prompt seen before (the failure memory's keys recur)
+                    x = np.arange(dim, dtype=np.float32) * float(rng.randint(1, 6))
+                elif kind < 0.3:
                     x = np.array([rng.gauss(0.0, 1.0) for _ in range(dim)])  # float64: the API converts
                 else:
                     x = np.array([rng.gauss(0.0, rng.choice([0.1, 1.0, 5.0])) for _ in range(dim)], np.float32)
@@ -292,8 +295,9 @@ def test_every_decision_branch_is_compared(features):
         assert_state_agrees(router, ref)
         for name, n in ref.branch_counts.items():
             seen[name] = seen.get(name, 0) + n
-    assert set(seen) >= {"valve", "unreachable", "explore", "cheapest", "pair_j", "mix", "mix_tilted"}, seen
-    assert seen["mix_tilted"] >= 100, seen
+    assert set(seen) >= {"valve", "unreachable", "explore", "cheapest", "pair_j", "mix", "mix_tilted",
+                         "remembered"}, seen
+    assert seen["mix_tilted"] >= 100 and seen["remembered"] >= 20, seen
 
 
 def test_reference_with_the_default_configuration():

@@ -297,26 +297,35 @@ def test_peers_survive_save_and_load(tmp_path):
     assert loaded.to_bytes() == r.to_bytes()
 
 
+def _memory_record(router):
+    # Bytes of the failure memory at the end of the payload (format version 5): two vectors,
+    # empty or of 65,536 entries (a key and, with three models, one word of failure bits each).
+    return 16 + (2 * 8 * 65536 if router.stats()["failures_remembered"] else 0)
+
+
 def _older_version(data, version, strip):
     # The same router in an older format: its payload less the last ``strip`` bytes.
     head = struct.Struct("<8sII")
     magic, current, clen = head.unpack_from(data, 0)
-    assert current == 4
+    assert current == 5
     payload = data[head.size + clen: len(data) - 12][:-strip]
     old = head.pack(magic, version, clen) + data[head.size: head.size + clen] + payload
     return old + struct.pack("<QI", len(payload), zlib.crc32(old) & 0xFFFFFFFF)
 
 
 @pytest.mark.parametrize("version, strip", [
-    (3, 4 * 8),                      # without the peers' report-rate evidence (four doubles)
-    (2, 4 * 8 + 3 * 8 + 6 * 8),      # without the peers' record (and three doubles, six empty vectors)
+    (4, 0),                          # without the failure memory
+    (3, 4 * 8),                      # ... and the peers' report-rate evidence (four doubles)
+    (2, 4 * 8 + 3 * 8 + 6 * 8),      # ... and the peers' record (three doubles, six empty vectors)
 ])
 def test_older_state_files_still_load(version, strip):
+    # Every prompt is new, so the memory, which an older file lacks, never changes a decision.
     r = _router(seed=4)
     _drive(r, 300)
-    loaded = Router.from_bytes(_older_version(r.to_bytes(), version, strip))
+    old = _older_version(r.to_bytes(), version, _memory_record(r) + strip)
+    loaded = Router.from_bytes(old)
+    assert loaded.stats()["failures_remembered"] == 0 < r.stats()["failures_remembered"]
     assert _drive(loaded, 200, start=300) == _drive(r, 200, start=300)
-    assert loaded.to_bytes() == r.to_bytes()
 
 
 def test_a_corrupt_peers_record_is_refused():
@@ -330,7 +339,7 @@ def test_a_corrupt_peers_record_is_refused():
     end = len(data) - 12
     # The peers' record: three doubles, six per-model vectors of 3 doubles (8 + 24 bytes each),
     # four doubles; make the request count negative (its first double).
-    start = end - (3 * 8 + 6 * (8 + 24) + 4 * 8)
+    start = end - _memory_record(r) - (3 * 8 + 6 * (8 + 24) + 4 * 8)
     data[start:start + 8] = struct.pack("<d", -5.0)
     body = bytes(data[:end])
     fixed = body[: len(body)] + struct.pack("<QI", len(body) - head.size - clen, zlib.crc32(body) & 0xFFFFFFFF)

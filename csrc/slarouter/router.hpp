@@ -60,6 +60,7 @@ struct Config {
     double top_cost = 0.02;     // accuracy a unit of normalised cost is worth when no mix certifies
     double valve = 1.0;         // safety valve: deficit above valve * (margin * requests + 1/rho)
     int refresh = 16;           // estimates are recomputed every `refresh` requests
+    std::int64_t memory = 65536; // failure memory: entries (a power of two; 0 turns it off)
 
     std::int64_t bin_width() const { return window / bins; }
     bool hashed() const { return dim == 0; }
@@ -133,6 +134,45 @@ struct FeatureView {
     const float* val = nullptr;
     int nnz = 0;
 };
+
+// The key of a request's first n features in the failure memory (docs/algorithm.md, "Remembered
+// failures"): equal features give equal keys; never 0, which marks an empty entry. The features
+// are read as 64-bit words (two dense values; a hashed feature's bucket and value bits), word j
+// going to lane j % 8: the lanes are independent, so their multiplications overlap (and vectorise).
+inline std::uint64_t feature_key(const FeatureView& f, int n) {
+    constexpr int L = 8;
+    std::uint64_t lane[L];
+    for (int q = 0; q < L; ++q) lane[q] = 0x9E3779B97F4A7C15ULL * static_cast<std::uint64_t>(q + 1);
+    const bool dense = f.dense != nullptr;
+    const int words = dense ? (n + 1) / 2 : n;
+    auto word = [&](int j) -> std::uint64_t {
+        std::uint32_t lo, hi = 0;
+        if (dense) {
+            std::memcpy(&lo, f.dense + 2 * j, sizeof lo);
+            if (2 * j + 1 < n) std::memcpy(&hi, f.dense + 2 * j + 1, sizeof hi);
+        } else {
+            std::memcpy(&lo, f.val + j, sizeof lo);
+            hi = static_cast<std::uint32_t>(f.idx[j]);
+        }
+        return (static_cast<std::uint64_t>(hi) << 32) | lo;
+    };
+    int j = 0;
+    if (dense)  // whole blocks of 8 words are 16 contiguous values
+        for (; j + L <= n / 2; j += L)
+            for (int q = 0; q < L; ++q) {
+                std::uint64_t w;
+                std::memcpy(&w, f.dense + 2 * (j + q), sizeof w);  // little-endian: lo | hi << 32
+                const std::uint64_t x = (lane[q] ^ w) * 0xFF51AFD7ED558CCDULL;
+                lane[q] = x ^ (x >> 32);
+            }
+    for (; j < words; ++j) {
+        const std::uint64_t x = (lane[j % L] ^ word(j)) * 0xFF51AFD7ED558CCDULL;
+        lane[j % L] = x ^ (x >> 32);
+    }
+    std::uint64_t h = static_cast<std::uint64_t>(n);
+    for (std::uint64_t x : lane) h = mix64(h ^ x);
+    return h | 1ULL;
+}
 
 inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 inline double logit(double p) {
@@ -213,6 +253,8 @@ public:
             throw std::invalid_argument("cost and prior must have one entry per model");
         if (cfg_.bins < 1 || cfg_.window < cfg_.bins || cfg_.window % cfg_.bins != 0)
             throw std::invalid_argument("window must be a positive multiple of bins");
+        if (cfg_.memory < 0 || (cfg_.memory & (cfg_.memory - 1)) != 0)
+            throw std::invalid_argument("memory must be 0 or a power of two");
         rng_ = cfg_.seed;
         served_.assign(K, 0);
         closed_.assign(K, 0);
@@ -305,6 +347,7 @@ public:
         if (slot_flags_[s] & kComplained) return kDuplicate;
         slot_flags_[s] |= kComplained;
         const int k = slot_model_[s];
+        remember_failure(s, k);
         complaints_[k] += 1;
         complaints_total_ += 1;
         const std::int64_t delay = t_ - 1 - id;
@@ -335,6 +378,7 @@ public:
             else aunc_[bucket_of(id)] += 1;
         }
         const int k = slot_model_[s];
+        if (!satisfied) remember_failure(s, k);
         audits_[k] += 1;
         if (satisfied) audits_sat_[k] += 1;
         audits_total_ += 1;
@@ -438,13 +482,13 @@ public:
 
     struct Counters {
         std::int64_t requests, complaints, late_complaints, audits, explored, audited_unsatisfied,
-            audited_unsatisfied_complained;
+            audited_unsatisfied_complained, failures_remembered;
         std::vector<std::int64_t> served, complaints_per_model, audits_per_model;
     };
     Counters counters() const {
         std::lock_guard<std::mutex> lock(mu_);
         return Counters{t_, complaints_total_, late_complaints_, audits_total_, explored_, rho_n_, rho_c_,
-                        served_, complaints_, audits_};
+                        failures_remembered(), served_, complaints_, audits_};
     }
 
     std::int64_t requests() const {
@@ -493,6 +537,8 @@ public:
         put_vec(pr.complaints); put_vec(pr.audits); put_vec(pr.audits_sat);
         // Their report-rate evidence (format version 4; a version-3 state ends before it).
         for (double v : {pr.rho_n, pr.rho_c, pr.rho_s, pr.rho_s2}) put(&v, sizeof v);
+        // The failure memory (format version 5; empty until the first failure is remembered).
+        put_vec(mem_key_); put_vec(mem_mask_);
         return out;
     }
 
@@ -552,6 +598,21 @@ public:
             if (pos != blob.size())
                 for (double* v : {&pr.rho_n, &pr.rho_c, &pr.rho_s, &pr.rho_s2}) get(v, sizeof *v);
             check_peers(pr, "state is corrupt: peers");
+        }
+        if (pos != blob.size()) {
+            // Empty, or the table of this configuration's size.
+            auto get_mem = [&](std::vector<std::uint64_t>& v, std::uint64_t per_entry) {
+                std::uint64_t n = 0;
+                get(&n, sizeof n);
+                if (n != 0 && n != static_cast<std::uint64_t>(cfg_.memory) * per_entry)
+                    throw std::invalid_argument("state does not match this configuration (failure memory)");
+                v.resize(n);
+                if (n) get(v.data(), n * sizeof(v[0]));
+            };
+            get_mem(tmp.mem_key_, 1);
+            get_mem(tmp.mem_mask_, static_cast<std::uint64_t>(tmp.mem_words()));
+            if (tmp.mem_key_.empty() != tmp.mem_mask_.empty())
+                throw std::invalid_argument("state is corrupt: failure memory");
         }
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
@@ -661,6 +722,7 @@ private:
         slot_idx_.swap(o.slot_idx_); slot_val_.swap(o.slot_val_); pend_.swap(o.pend_); pendnc_.swap(o.pendnc_);
         delay_hist_.swap(o.delay_hist_); weights_.swap(o.weights_); adagrad_.swap(o.adagrad_);
         acc_cache_.swap(o.acc_cache_);
+        mem_key_.swap(o.mem_key_); mem_mask_.swap(o.mem_mask_);
         logit_cache_.swap(o.logit_cache_);
         explore_cache_.swap(o.explore_cache_);
         std::swap(next_refresh_, o.next_refresh_);
@@ -1523,6 +1585,62 @@ public:
     // it (a mix with a tilt), and NaN otherwise.
     int decide_row(const Plan& p, const FeatureView& f, const double* cost, double u1, double u2,
                    bool* explored, double* score = nullptr) const {
+        const int k = plan_row(p, f, cost, u1, u2, explored, score);
+        const int m = remembered(p, f, k);
+        if (m != k && score != nullptr) *score = std::numeric_limits<double>::quiet_NaN();
+        return m;
+    }
+
+    // Remembered failures (docs/algorithm.md, "Remembered failures"): the model to serve instead
+    // of k when a request with exactly these features failed with k before (k itself otherwise).
+    // Where one model suffices there is nothing to buy. In a mix the other model of the pair
+    // serves (both failed: the cheaper); where the target needs the most accurate model, the most
+    // accurate one this request has not failed with (a unit of normalised cost worth top_cost).
+    int remembered(const Plan& p, const FeatureView& f, int k) const {
+        if (mem_key_.empty() || p.regime == Plan::kServeOne) return k;
+        const std::uint64_t* failed = failures_of(f);
+        if (failed == nullptr || !has_failed(failed, k)) return k;
+        if (p.regime == Plan::kMix) {
+            const int o = k == p.i ? p.j : p.i;
+            return has_failed(failed, o) ? k : o;
+        }
+        const Estimates& e = est_;
+        int best = k;
+        double bs = -std::numeric_limits<double>::infinity();
+        for (int m = 0; m < cfg_.n_models; ++m) {
+            if (has_failed(failed, m)) continue;
+            const double sc = e.acc[m] - cfg_.top_cost * e.cnorm[m];
+            if (sc > bs) {
+                bs = sc;
+                best = m;
+            }
+        }
+        return best;
+    }
+
+    // remembered() for the rows of a batch decided by a Python-side kernel (dense features).
+    void remembered_rows(const Plan& p, const float* X, std::int64_t B, std::int32_t* models) const {
+        if (mem_key_.empty() || p.regime == Plan::kServeOne) return;
+        for (std::int64_t r = 0; r < B; ++r) {
+            FeatureView f;
+            f.dense = X + r * cfg_.dim;
+            f.nnz = cfg_.dim;
+            models[r] = remembered(p, f, models[r]);
+        }
+    }
+
+    bool remembers_failures() const { return !mem_key_.empty(); }
+
+    // Entries of the failure memory in use.
+    std::int64_t failures_remembered() const {
+        std::int64_t n = 0;
+        for (std::uint64_t key : mem_key_) n += key != 0;
+        return n;
+    }
+
+private:
+    int plan_row(const Plan& p, const FeatureView& f, const double* cost, double u1, double u2,
+                 bool* explored, double* score) const {
         if (score != nullptr) *score = std::numeric_limits<double>::quiet_NaN();
         switch (p.regime) {
             case Plan::kServeBest:
@@ -1546,6 +1664,7 @@ public:
         }
     }
 
+public:
     // silent_gradient() when w_k . phi(x) is known (NaN: not known).
     double silent_gradient(int k, const FeatureView& f, double rho, double score) const {
         return std::isnan(score) ? silent_gradient(k, f, rho) : gradient_at(k, score, kObsComplaint, 0.0, rho);
@@ -1601,6 +1720,45 @@ private:
     std::vector<double> acc_cache_;
     std::vector<double> logit_cache_;  // logit(acc_cache_), not serialised
     std::vector<double> explore_cache_;  // the floor's widened bounds for est_ (set_explore_cache), not serialised
+    // The failure memory: a direct-mapped table of cfg_.memory entries, each the key of a
+    // request's features (0: empty) and a bit per model that failed such a request (mem_words()
+    // words per entry). Empty until the first failure is remembered.
+    std::vector<std::uint64_t> mem_key_;
+    std::vector<std::uint64_t> mem_mask_;
+
+    int mem_words() const { return (cfg_.n_models + 63) / 64; }
+
+    int key_length(const FeatureView& f) const { return cfg_.hashed() ? std::min(f.nnz, cfg_.max_features) : cfg_.dim; }
+
+    // The failure bits of a request with these features, or nullptr when none are remembered.
+    const std::uint64_t* failures_of(const FeatureView& f) const {
+        const std::uint64_t key = feature_key(f, key_length(f));
+        const std::size_t at = static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
+        if (mem_key_[at] != key) return nullptr;
+        return mem_mask_.data() + at * static_cast<std::size_t>(mem_words());
+    }
+
+    static bool has_failed(const std::uint64_t* bits, int k) { return (bits[k >> 6] >> (k & 63)) & 1ULL; }
+
+    // A complaint or an unsatisfied audit: the pending request in slot s failed with model k.
+    // A request with other features that maps to the same entry replaces it.
+    void remember_failure(std::size_t s, int k) {
+        if (cfg_.memory <= 0) return;
+        const int words = mem_words();
+        if (mem_key_.empty()) {
+            mem_key_.assign(static_cast<std::size_t>(cfg_.memory), 0);
+            mem_mask_.assign(static_cast<std::size_t>(cfg_.memory) * words, 0);
+        }
+        const FeatureView f = slot_view(s);
+        const std::uint64_t key = feature_key(f, key_length(f));
+        const std::size_t at = static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
+        std::uint64_t* bits = mem_mask_.data() + at * static_cast<std::size_t>(words);
+        if (mem_key_[at] != key) {
+            mem_key_[at] = key;
+            std::fill(bits, bits + words, 0);
+        }
+        bits[k >> 6] |= 1ULL << (k & 63);
+    }
     // Buffers of refresh_locked, kept between calls (under the lock) to spare allocations.
     struct RefreshScratch {
         std::vector<double> rate, cum, expo, Fb[3], n3[3];

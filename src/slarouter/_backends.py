@@ -155,6 +155,8 @@ def _route_batch_numba(router: Any, X: np.ndarray, cost: Optional[np.ndarray], o
                       plan["cand"], plan["i"], plan["j"], plan["w"], plan["tilt"], plan["beta"], plan["lambda0"],
                       plan["acc_i"], plan["acc_j"], plan["cmean_i"], plan["cmean_j"], plan["w_i"], plan["w_j"],
                       plan["g_i"], plan["g_j"], np.uint64(plan["rng"]), models, explored)
+        if plan["remember"]:
+            core.batch_remember(X, models)  # remembered failures (Router::remembered)
         n_inner = max(0, B - cfg.window)
         grad = None
         if n_inner > 0 and cfg.lr > 0:

@@ -34,6 +34,7 @@ TUNING = {
     "top_cost": 0.02,
     "valve": 1.0,
     "refresh": 16,
+    "memory": 65536,
 }
 
 # Allowed values of each tuning constant: (low, high, low included). Values outside make the
@@ -57,5 +58,6 @@ TUNING_RANGE = {
     "top_cost": (0.0, _INF, True),
     "valve": (0.0, _INF, False),
     "refresh": (1.0, 1e9, True),
+    "memory": (0.0, 2.0 ** 24, True),  # entries of the failure memory: 0 or a power of two
 }
 assert set(TUNING_RANGE) == set(TUNING)

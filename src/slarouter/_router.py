@@ -20,8 +20,9 @@ from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
 __all__ = ["Model", "Decision", "Router"]
 
 _MAGIC = b"SLAROUTR"
-_FORMAT_VERSION = 4  # 3: the peers' evidence (set_peers) follows the state; 4: with their report-rate evidence
-_READABLE_VERSIONS = (2, 3, 4)  # a version-2 file is a state without peers, a version-3 one without the last
+_FORMAT_VERSION = 5  # 3: the peers' evidence (set_peers) follows the state; 4: with their report-rate evidence;
+# 5: the failure memory follows
+_READABLE_VERSIONS = (2, 3, 4, 5)  # a version-2 file is a state without peers, a version-3 one without the last
 _SHARE_KEYS = ("requests", "unsatisfied", "variance", "exposure", "complaints", "audits", "audits_satisfied",
                "audited_unsatisfied", "audited_unsatisfied_complained", "rho_sensitivity")
 _HEADER = struct.Struct("<8sII")  # magic, format version, config length
@@ -266,6 +267,8 @@ class Router:
                 raise ValueError(f"tuning[{key!r}] must be in {'[' if closed else '('}{lo}, {hi}], got {v}")
             if isinstance(tun[key], int) and v != int(v):
                 raise ValueError(f"tuning[{key!r}] must be an integer, got {v}")
+            if key == "memory" and int(v) & (int(v) - 1):
+                raise ValueError(f"tuning['memory'] must be 0 or a power of two, got {v}")
             tun[key] = type(tun[key])(v)
 
         self._models: Tuple[Model, ...] = tuple(parsed)
@@ -444,6 +447,7 @@ class Router:
             "report_rate": e["rho"],
             "audited_unsatisfied": c["audited_unsatisfied"],
             "audited_unsatisfied_complained": c["audited_unsatisfied_complained"],
+            "failures_remembered": c["failures_remembered"],
             "queue": max(0.0, e["deficit"]),
             "deficit": e["deficit"],
             "margin": e["margin"] if n else float("nan"),
