@@ -161,3 +161,23 @@ def _router_after(seed):
     r = _router(seed=seed)
     _world(r, 2000, seed)
     return r
+
+
+def test_more_than_64_models_agree_with_the_reference():
+    """Failure bits span several words per entry beyond 64 models; the reference agrees."""
+    from reference import ReferenceRouter
+    from test_reference import Engine, assert_state_agrees, drive, make_router
+
+    K = 70
+    # Equal models and an unreachable target: the router tries every model, the last six included.
+    kw = {"models": [(f"m{k}", 1.0 + k, None) for k in range(K)], "sla": 0.8, "report_rate": 1.0,
+          "confidence": 0.9, "features": 3, "seed": 2, "feedback_window": 32, "false_complaint_rate": 0.0,
+          "min_report_rate": 0.05, "hash_bits": 7, "tuning": {"memory": 64}}
+    router = make_router(kw)
+    ref = ReferenceRouter(router.config)
+    drive([Engine(router), ref], kw, 5, 1500, true_acc=[0.5] * K, p_route=0.9,
+          max_delay=4)
+    assert ref.branch_counts["remembered"] > 0
+    assert router.stats()["failures_remembered"] > 0
+    assert any(ref.mem_mask[1::2])  # failures of models 64-69, in each entry's second word
+    assert_state_agrees(router, ref)
