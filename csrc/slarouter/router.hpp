@@ -613,6 +613,7 @@ public:
             get_mem(tmp.mem_mask_, static_cast<std::uint64_t>(tmp.mem_words()));
             if (tmp.mem_key_.empty() != tmp.mem_mask_.empty())
                 throw std::invalid_argument("state is corrupt: failure memory");
+            for (std::uint64_t key : tmp.mem_key_) tmp.mem_used_ += key != 0;
         }
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
@@ -722,7 +723,7 @@ private:
         slot_idx_.swap(o.slot_idx_); slot_val_.swap(o.slot_val_); pend_.swap(o.pend_); pendnc_.swap(o.pendnc_);
         delay_hist_.swap(o.delay_hist_); weights_.swap(o.weights_); adagrad_.swap(o.adagrad_);
         acc_cache_.swap(o.acc_cache_);
-        mem_key_.swap(o.mem_key_); mem_mask_.swap(o.mem_mask_);
+        mem_key_.swap(o.mem_key_); mem_mask_.swap(o.mem_mask_); std::swap(mem_used_, o.mem_used_);
         logit_cache_.swap(o.logit_cache_);
         explore_cache_.swap(o.explore_cache_);
         std::swap(next_refresh_, o.next_refresh_);
@@ -1632,11 +1633,7 @@ public:
     bool remembers_failures() const { return !mem_key_.empty(); }
 
     // Entries of the failure memory in use.
-    std::int64_t failures_remembered() const {
-        std::int64_t n = 0;
-        for (std::uint64_t key : mem_key_) n += key != 0;
-        return n;
-    }
+    std::int64_t failures_remembered() const { return mem_used_; }
 
 private:
     int plan_row(const Plan& p, const FeatureView& f, const double* cost, double u1, double u2,
@@ -1725,6 +1722,7 @@ private:
     // words per entry). Empty until the first failure is remembered.
     std::vector<std::uint64_t> mem_key_;
     std::vector<std::uint64_t> mem_mask_;
+    std::int64_t mem_used_ = 0;  // entries with a key (not saved: counted again on load)
 
     int mem_words() const { return (cfg_.n_models + 63) / 64; }
 
@@ -1754,6 +1752,7 @@ private:
         const std::size_t at = static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
         std::uint64_t* bits = mem_mask_.data() + at * static_cast<std::size_t>(words);
         if (mem_key_[at] != key) {
+            mem_used_ += mem_key_[at] == 0;
             mem_key_[at] = key;
             std::fill(bits, bits + words, 0);
         }
