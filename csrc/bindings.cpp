@@ -614,8 +614,21 @@ PYBIND11_MODULE(_core, m) {
                  d["audited_unsatisfied"] = p.rho_n;
                  d["audited_unsatisfied_complained"] = p.rho_c;
                  d["rho_sensitivity"] = p.rho_s;
+                 std::vector<std::uint64_t> keys;
+                 std::vector<std::int32_t> models;
+                 r.recent_failures(&keys, &models);
+                 py::list failures;
+                 for (std::size_t i = 0; i < keys.size(); ++i) failures.append(py::make_tuple(keys[i], models[i]));
+                 d["failures"] = failures;
                  return d;
              })
+        .def("merge_failures",
+             [](PyRouter& r, py::array_t<std::uint64_t, py::array::c_style> keys, Int32Array models) {
+                 if (keys.ndim() != 1 || models.ndim() != 1 || keys.shape(0) != models.shape(0))
+                     throw std::invalid_argument("merge_failures: keys and models must be 1-D of one length");
+                 r.merge_failures(keys.data(), models.data(), keys.shape(0));
+             },
+             py::arg("keys"), py::arg("models"))
         .def("peer_counts", [](const PyRouter& r) { const auto c = r.peer_counts(); return py::make_tuple(c.first, c.second); })
         .def("set_peers",
              [](PyRouter& r, double n, double unsat, double var, std::vector<std::vector<double>> exposure,

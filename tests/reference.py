@@ -298,9 +298,13 @@ STATE_LAYOUT: List[Tuple[str, Any]] = [
     ("peers.complaints", np.float64), ("peers.audits", np.float64), ("peers.audits_sat", np.float64),
     # Their report-rate evidence (format version 4).
     ("peers.rho_n", "d"), ("peers.rho_c", "d"), ("peers.rho_s", "d"), ("peers.rho_s2", "d"),
-    # The failure memory (format version 5): empty until the first failure is remembered.
+    # The failure memory (format version 5): empty until the first failure is remembered; then
+    # the ring of the router's own recent failures (share()).
     ("mem_key", np.uint64), ("mem_mask", np.uint64),
+    ("recent_n", "q"), ("recent_key", np.uint64), ("recent_model", np.int32),
 ]
+
+RECENT_FAILURES = 1024  # router.hpp, kRecentFailures
 
 
 def parse_state(blob: bytes) -> Dict[str, Any]:
@@ -493,6 +497,9 @@ class ReferenceRouter:
         self.mem_words = (K + 63) // 64
         self.mem_key: List[int] = []
         self.mem_mask: List[int] = []
+        self.recent_n = 0
+        self.recent_key: List[int] = []
+        self.recent_model: List[int] = []
         # Not engine state: how often each branch of the decision was taken (for the tests).
         self.branch_counts: Counter = Counter()
 
@@ -1309,10 +1316,20 @@ class ReferenceRouter:
         """A complaint or an unsatisfied audit for the request in slot s (remember_failure)."""
         if self.memory <= 0:
             return
+        key = self._key_of(self._slot_view(s))
+        self._set_failure(key, k)
+        if not self.recent_key:
+            self.recent_key = [0] * RECENT_FAILURES
+            self.recent_model = [0] * RECENT_FAILURES
+        self.recent_key[self.recent_n % RECENT_FAILURES] = key
+        self.recent_model[self.recent_n % RECENT_FAILURES] = k
+        self.recent_n += 1
+
+    def _set_failure(self, key: int, k: int) -> None:
+        """Set model k's failure bit for key, replacing another key's entry (set_failure)."""
         if not self.mem_key:
             self.mem_key = [0] * self.memory
             self.mem_mask = [0] * (self.memory * self.mem_words)
-        key = self._key_of(self._slot_view(s))
         at = key & (self.memory - 1)
         if self.mem_key[at] != key:
             self.mem_key[at] = key

@@ -3,6 +3,8 @@ plan offers another (docs/algorithm.md, "Remembered failures")."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -181,3 +183,80 @@ def test_more_than_64_models_agree_with_the_reference():
     assert router.stats()["failures_remembered"] > 0
     assert any(ref.mem_mask[1::2])  # failures of models 64-69, in each entry's second word
     assert_state_agrees(router, ref)
+
+
+def _replicas(n, share_failures, seed=3):
+    """Two replicas serve the _world prompts round robin and exchange share() every 100 requests;
+    returns (satisfaction, cost per request) of the whole stream."""
+    reps = [_router(seed=seed + i) for i in range(2)]
+    rng = np.random.default_rng(seed)
+    sat = cost = 0.0
+    for t in range(n):
+        if t % 100 == 0:
+            shares = [r.share() for r in reps]
+            if not share_failures:
+                for sh in shares:
+                    del sh["failures"]  # as a replica of an older slarouter would share
+            for i, r in enumerate(reps):
+                r.set_peers([shares[1 - i]])
+        r = reps[t % 2]
+        p = int(rng.integers(PROMPTS))
+        d = r.route(np.array([p], np.float32))
+        ok = p < (A_SOLVES if d.model == "a" else B_SOLVES)
+        sat += ok
+        cost += 1.0 if d.model == "a" else 10.0
+        if not ok:
+            r.complain(d.request_id)
+    return sat / n, cost / n
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_replicas_share_their_remembered_failures(seed):
+    """Each replica sees a prompt half as often as one router would; with the failures shared, a
+    failure seen by one is remembered by both, and the same SLA costs less (3-5% here)."""
+    shared, alone = _replicas(2000, True, seed), _replicas(2000, False, seed)
+    assert shared[0] >= 0.7 and alone[0] >= 0.7
+    assert shared[1] < 0.98 * alone[1], (shared, alone)
+
+
+def test_share_lists_the_recent_failures():
+    r = _router(seed=1)
+    assert r.share()["failures"] == []
+    _world(r, 3000, 1)
+    failures = r.share()["failures"]
+    assert 0 < len(failures) <= 1024
+    assert all(isinstance(key, int) and 0 < key < 2**64 and k in (0, 1) for key, k in failures)
+    assert json.loads(json.dumps(r.share())) == r.share()
+    # The other replica remembers them; it does not pass them on as its own.
+    other = _router(seed=2)
+    other.set_peers([r.share()])
+    assert other.stats()["failures_remembered"] > 0
+    assert other.share()["failures"] == []
+    # Only the most recent 1,024 are shared.
+    many = Router([("a", 1.0), ("b", 10.0)], 0.7, report_rate=1.0, features=1, seed=3)
+    for i in range(3000):
+        many.complain(many.route(np.array([float(i)], np.float32)).request_id)
+    keys = [key for key, _ in many.share()["failures"]]
+    assert len(keys) == 1024 and len(set(keys)) == 1024
+
+
+@pytest.mark.parametrize("failures, message", [
+    ("x", "list of"),
+    ([[1, 0, 2]], "pair"),
+    ([[0, 0]], "key"),
+    ([[2**64, 0]], "key"),
+    ([[1.5, 0]], "key"),
+    ([[12345, 2]], "model"),
+    ([[12345, -1]], "model"),
+    ([[12345, True]], "model"),
+])
+def test_bad_shared_failures_change_nothing(failures, message):
+    peer = _router(seed=1)
+    _world(peer, 500, 1)
+    r = _router(seed=2)
+    _world(r, 500, 2)
+    before = r.to_bytes()
+    sh = dict(peer.share(), failures=failures)
+    with pytest.raises(ValueError, match=message):
+        r.set_peers([peer.share(), sh])
+    assert r.to_bytes() == before

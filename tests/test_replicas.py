@@ -299,8 +299,12 @@ def test_peers_survive_save_and_load(tmp_path):
 
 def _memory_record(router):
     # Bytes of the failure memory at the end of the payload (format version 5): two vectors,
-    # empty or of 65,536 entries (a key and, with three models, one word of failure bits each).
-    return 16 + (2 * 8 * 65536 if router.stats()["failures_remembered"] else 0)
+    # empty or of 65,536 entries (a key and, with three models, one word of failure bits each),
+    # then the ring of the router's own recent failures: a count and two vectors, empty or of
+    # 1,024 keys (8 bytes) and models (4 bytes).
+    memory = 2 * 8 * 65536 if router.stats()["failures_remembered"] else 0
+    ring = 1024 * (8 + 4) if router.share()["failures"] else 0
+    return 16 + memory + 8 + 16 + ring
 
 
 def _older_version(data, version, strip):

@@ -114,6 +114,8 @@ struct Dual {
 };
 
 constexpr int kMaxModels = 256;
+// Remembered failures a router passes to its replicas with share() (the most recent ones).
+constexpr std::int64_t kRecentFailures = 1024;
 
 // What the dual state decides for every request until it changes (Router::plan_locked).
 struct Plan {
@@ -537,8 +539,11 @@ public:
         put_vec(pr.complaints); put_vec(pr.audits); put_vec(pr.audits_sat);
         // Their report-rate evidence (format version 4; a version-3 state ends before it).
         for (double v : {pr.rho_n, pr.rho_c, pr.rho_s, pr.rho_s2}) put(&v, sizeof v);
-        // The failure memory (format version 5; empty until the first failure is remembered).
+        // The failure memory (format version 5; empty until the first failure is remembered)
+        // and the ring of this router's recent failures.
         put_vec(mem_key_); put_vec(mem_mask_);
+        put(&recent_n_, sizeof recent_n_);
+        put_vec(recent_key_); put_vec(recent_model_);
         return out;
     }
 
@@ -614,6 +619,22 @@ public:
             if (tmp.mem_key_.empty() != tmp.mem_mask_.empty())
                 throw std::invalid_argument("state is corrupt: failure memory");
             for (std::uint64_t key : tmp.mem_key_) tmp.mem_used_ += key != 0;
+            get(&tmp.recent_n_, sizeof tmp.recent_n_);
+            auto get_ring = [&](auto& v) {
+                std::uint64_t n = 0;
+                get(&n, sizeof n);
+                if (n != 0 && n != static_cast<std::uint64_t>(kRecentFailures))
+                    throw std::invalid_argument("state is corrupt: recent failures");
+                v.resize(n);
+                if (n) get(v.data(), n * sizeof(v[0]));
+            };
+            get_ring(tmp.recent_key_);
+            get_ring(tmp.recent_model_);
+            if (tmp.recent_n_ < 0 || (tmp.recent_n_ == 0) != tmp.recent_key_.empty() ||
+                tmp.recent_key_.size() != tmp.recent_model_.size())
+                throw std::invalid_argument("state is corrupt: recent failures");
+            for (std::int32_t m : tmp.recent_model_)
+                if (m < 0 || m >= cfg_.n_models) throw std::invalid_argument("state is corrupt: recent failures");
         }
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
@@ -724,6 +745,7 @@ private:
         delay_hist_.swap(o.delay_hist_); weights_.swap(o.weights_); adagrad_.swap(o.adagrad_);
         acc_cache_.swap(o.acc_cache_);
         mem_key_.swap(o.mem_key_); mem_mask_.swap(o.mem_mask_); std::swap(mem_used_, o.mem_used_);
+        recent_key_.swap(o.recent_key_); recent_model_.swap(o.recent_model_); std::swap(recent_n_, o.recent_n_);
         logit_cache_.swap(o.logit_cache_);
         explore_cache_.swap(o.explore_cache_);
         std::swap(next_refresh_, o.next_refresh_);
@@ -1632,6 +1654,29 @@ public:
 
     bool remembers_failures() const { return !mem_key_.empty(); }
 
+    // This router's most recent remembered failures (key, model), oldest first (share()).
+    void recent_failures(std::vector<std::uint64_t>* keys, std::vector<std::int32_t>* models) const {
+        std::lock_guard<std::mutex> lock(mu_);
+        const std::int64_t n = std::min<std::int64_t>(recent_n_, kRecentFailures);
+        keys->clear();
+        models->clear();
+        for (std::int64_t i = recent_n_ - n; i < recent_n_; ++i) {
+            keys->push_back(recent_key_[static_cast<std::size_t>(i % kRecentFailures)]);
+            models->push_back(recent_model_[static_cast<std::size_t>(i % kRecentFailures)]);
+        }
+    }
+
+    // The other replicas' recent failures (set_peers), added to the memory. Keys must be nonzero
+    // and models in range (checked here before anything changes).
+    void merge_failures(const std::uint64_t* keys, const std::int32_t* models, std::int64_t n) {
+        for (std::int64_t i = 0; i < n; ++i)
+            if (keys[i] == 0 || models[i] < 0 || models[i] >= cfg_.n_models)
+                throw std::invalid_argument("a shared failure has a zero key or no valid model");
+        std::lock_guard<std::mutex> lock(mu_);
+        if (cfg_.memory <= 0) return;
+        for (std::int64_t i = 0; i < n; ++i) set_failure(keys[i], models[i]);
+    }
+
     // Entries of the failure memory in use.
     std::int64_t failures_remembered() const { return mem_used_; }
 
@@ -1723,6 +1768,11 @@ private:
     std::vector<std::uint64_t> mem_key_;
     std::vector<std::uint64_t> mem_mask_;
     std::int64_t mem_used_ = 0;  // entries with a key (not saved: counted again on load)
+    // This router's last kRecentFailures remembered failures (key, model), in a ring: the part of
+    // the memory that share() passes to the other replicas. Empty until the first failure.
+    std::vector<std::uint64_t> recent_key_;
+    std::vector<std::int32_t> recent_model_;
+    std::int64_t recent_n_ = 0;  // failures recorded in the ring so far
 
     int mem_words() const { return (cfg_.n_models + 63) / 64; }
 
@@ -1740,15 +1790,28 @@ private:
 
     // A complaint or an unsatisfied audit: the pending request in slot s failed with model k.
     // A request with other features that maps to the same entry replaces it.
+    // It is also kept among this router's recent failures, which share() passes to the replicas.
     void remember_failure(std::size_t s, int k) {
         if (cfg_.memory <= 0) return;
+        const FeatureView f = slot_view(s);
+        const std::uint64_t key = feature_key(f, key_length(f));
+        set_failure(key, k);
+        if (recent_key_.empty()) {
+            recent_key_.assign(kRecentFailures, 0);
+            recent_model_.assign(kRecentFailures, 0);
+        }
+        const std::size_t r = static_cast<std::size_t>(recent_n_ % kRecentFailures);
+        recent_key_[r] = key;
+        recent_model_[r] = k;
+        recent_n_ += 1;
+    }
+
+    void set_failure(std::uint64_t key, int k) {
         const int words = mem_words();
         if (mem_key_.empty()) {
             mem_key_.assign(static_cast<std::size_t>(cfg_.memory), 0);
             mem_mask_.assign(static_cast<std::size_t>(cfg_.memory) * words, 0);
         }
-        const FeatureView f = slot_view(s);
-        const std::uint64_t key = feature_key(f, key_length(f));
         const std::size_t at = static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
         std::uint64_t* bits = mem_mask_.data() + at * static_cast<std::size_t>(words);
         if (mem_key_[at] != key) {

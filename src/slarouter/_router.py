@@ -10,7 +10,7 @@ import struct
 import tempfile
 import zlib
 from statistics import NormalDist
-from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -468,13 +468,15 @@ class Router:
         variance, and per model the exposures (requests whose complaints are in, under the three
         delay assumptions), complaints, audits and satisfied audits; the report-rate evidence
         (closed audited-unsatisfied requests, how many of them complained, and how much the
-        count moves with the report rate's estimate); plus the models, the SLA and the report
-        rate, which every replica sharing the SLA must have in common. Publish it
+        count moves with the report rate's estimate); ``failures``, the router's most recent
+        remembered failures as ``[key, model index]`` pairs (at most 1,024); plus the models, the
+        SLA and the report rate, which every replica sharing the SLA must have in common. Publish it
         (e.g. to a key-value store) and pass the other replicas' latest ones to ``set_peers``.
         See docs/api.md, "Several processes or replicas".
         """
         d = self._core.share()
         d["exposure"] = [list(v) for v in d["exposure"]]
+        d["failures"] = [[int(key), int(k)] for key, k in d["failures"]]
         d["models"] = list(self._names)
         d["sla"] = self._config["sla"]
         d["report_rate"] = self._config["report_rate"]
@@ -490,7 +492,9 @@ class Router:
         own. Every share is checked before anything changes: a share from a router with other
         models, another SLA or another report rate, or with a value that is not a finite count,
         raises ``ValueError`` and leaves the router as it was. With the report rate estimated from
-        audits, the replicas' audited-unsatisfied requests are pooled into one estimate.
+        audits, the replicas' audited-unsatisfied requests are pooled into one estimate. The
+        peers' recent remembered failures (``failures``; a share without them, from an older
+        slarouter, is taken as having none) join this router's failure memory.
         """
         if isinstance(shares, Mapping) or not isinstance(shares, Iterable):
             raise TypeError("shares must be an iterable of share() dicts (the other replicas'), not "
@@ -502,6 +506,8 @@ class Router:
         rho_s2 = 0.0  # the sum of the squared sensitivities
         per = {key: np.zeros(K) for key in ("complaints", "audits", "audits_satisfied")}
         exposure = np.zeros((3, K))
+        fail_keys: List[int] = []
+        fail_models: List[int] = []
         n_shares = 0
         for i, sh in enumerate(shares):
             where = f"shares[{i}]"
@@ -546,6 +552,7 @@ class Router:
             if ev["audited_unsatisfied"] > float(np.sum(sh["audits"])) + tol:
                 raise ValueError(f"{where} counts more audited-unsatisfied requests ({ev['audited_unsatisfied']}) "
                                  "than audits")
+            self._share_failures(sh.get("failures", []), f"{where}['failures']", K, fail_keys, fail_models)
             for key in scalars:
                 total[key] += ev[key]
             rho_s2 += ev["rho_sensitivity"] * ev["rho_sensitivity"]
@@ -556,11 +563,29 @@ class Router:
                              [vec(exposure[t]) for t in range(3)], vec(per["complaints"]), vec(per["audits"]),
                              vec(per["audits_satisfied"]), total["audited_unsatisfied"],
                              total["audited_unsatisfied_complained"], total["rho_sensitivity"], rho_s2)
+        if fail_keys:
+            self._core.merge_failures(np.array(fail_keys, dtype=np.uint64), np.array(fail_models, dtype=np.int32))
 
     def _whole_stream(self, n: int, unsat: float) -> Dict[str, float]:
         pn, pu = self._core.peer_counts()
         total = n + pn
         return {"requests": total, "satisfaction": 1.0 - (unsat + pu) / total if total > 0 else float("nan")}
+
+    @staticmethod
+    def _share_failures(v: Any, what: str, K: int, keys: List[int], models: List[int]) -> None:
+        """Check a share's ``failures`` ([key, model] pairs) and append them to keys / models."""
+        if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Sequence):
+            raise ValueError(f"{what} must be a list of [key, model] pairs")
+        for j, pair in enumerate(v):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(f"{what}[{j}] must be a [key, model] pair")
+            key, k = pair
+            if not _is_int(key) or not 0 < key < 2**64:
+                raise ValueError(f"{what}[{j}]: the key must be an int in [1, 2**64), got {key!r}")
+            if not _is_int(k) or not 0 <= k < K:
+                raise ValueError(f"{what}[{j}]: the model must be an index in [0, {K}), got {k!r}")
+            keys.append(int(key))
+            models.append(int(k))
 
     @staticmethod
     def _share_vector(v: Any, what: str, K: int) -> np.ndarray:
