@@ -617,9 +617,9 @@ PYBIND11_MODULE(_core, m) {
                  std::vector<std::uint64_t> keys;
                  std::vector<std::int32_t> models;
                  r.recent_failures(&keys, &models);
-                 py::list failures;
-                 for (std::size_t i = 0; i < keys.size(); ++i) failures.append(py::make_tuple(keys[i], models[i]));
-                 d["failures"] = failures;
+                 const py::ssize_t nf = static_cast<py::ssize_t>(keys.size());
+                 d["failures"] = py::make_tuple(py::array_t<std::uint64_t>(nf, keys.data()),
+                                                py::array_t<std::int32_t>(nf, models.data()));
                  return d;
              })
         .def("merge_failures",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import numbers
@@ -67,6 +69,34 @@ def write_atomically(path: str, data: bytes, *, prefix: str, durable: bool,
         except OSError:
             pass
         raise
+
+
+def _encode_failures(keys: np.ndarray, models: np.ndarray) -> str:
+    """Remembered failures as a share carries them: base64 of the n keys (little-endian uint64)
+    followed by the n model indices (little-endian uint16). A string keeps the 64-bit keys exact
+    through any JSON library, and decoding it is one vectorised step."""
+    raw = np.asarray(keys, dtype="<u8").tobytes() + np.asarray(models, dtype="<u2").tobytes()
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _decode_failures(text: Any, what: str, K: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The (keys, models) of an encoded failure list; ValueError naming ``what`` if malformed."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be the base64 string share() writes, got {type(text).__name__}")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError(f"{what} is not valid base64") from None
+    if len(raw) % 10:
+        raise ValueError(f"{what} must hold 10 bytes per failure (a key and a model), got {len(raw)} bytes")
+    n = len(raw) // 10
+    keys = np.frombuffer(raw, dtype="<u8", count=n).astype(np.uint64)
+    models = np.frombuffer(raw, dtype="<u2", count=n, offset=8 * n).astype(np.int32)
+    if n and not keys.all():
+        raise ValueError(f"{what} holds a zero key")
+    if n and models.max() >= K:
+        raise ValueError(f"{what} names model {int(models.max())}; this router has {K} models")
+    return keys, models
 
 
 def _is_int(x: Any) -> bool:
@@ -469,14 +499,14 @@ class Router:
         delay assumptions), complaints, audits and satisfied audits; the report-rate evidence
         (closed audited-unsatisfied requests, how many of them complained, and how much the
         count moves with the report rate's estimate); ``failures``, the router's most recent
-        remembered failures as ``[key, model index]`` pairs (at most 1,024); plus the models, the
-        SLA and the report rate, which every replica sharing the SLA must have in common. Publish it
+        remembered failures (at most 1,024; see ``_encode_failures``); plus the models, the SLA
+        and the report rate, which every replica sharing the SLA must have in common. Publish it
         (e.g. to a key-value store) and pass the other replicas' latest ones to ``set_peers``.
         See docs/api.md, "Several processes or replicas".
         """
         d = self._core.share()
         d["exposure"] = [list(v) for v in d["exposure"]]
-        d["failures"] = [[int(key), int(k)] for key, k in d["failures"]]
+        d["failures"] = _encode_failures(*d["failures"])
         d["models"] = list(self._names)
         d["sla"] = self._config["sla"]
         d["report_rate"] = self._config["report_rate"]
@@ -506,8 +536,8 @@ class Router:
         rho_s2 = 0.0  # the sum of the squared sensitivities
         per = {key: np.zeros(K) for key in ("complaints", "audits", "audits_satisfied")}
         exposure = np.zeros((3, K))
-        fail_keys: List[int] = []
-        fail_models: List[int] = []
+        fail_keys: List[np.ndarray] = []
+        fail_models: List[np.ndarray] = []
         n_shares = 0
         for i, sh in enumerate(shares):
             where = f"shares[{i}]"
@@ -552,7 +582,9 @@ class Router:
             if ev["audited_unsatisfied"] > float(np.sum(sh["audits"])) + tol:
                 raise ValueError(f"{where} counts more audited-unsatisfied requests ({ev['audited_unsatisfied']}) "
                                  "than audits")
-            self._share_failures(sh.get("failures", []), f"{where}['failures']", K, fail_keys, fail_models)
+            keys, ks = _decode_failures(sh.get("failures", ""), f"{where}['failures']", K)
+            fail_keys.append(keys)
+            fail_models.append(ks)
             for key in scalars:
                 total[key] += ev[key]
             rho_s2 += ev["rho_sensitivity"] * ev["rho_sensitivity"]
@@ -564,28 +596,12 @@ class Router:
                              vec(per["audits_satisfied"]), total["audited_unsatisfied"],
                              total["audited_unsatisfied_complained"], total["rho_sensitivity"], rho_s2)
         if fail_keys:
-            self._core.merge_failures(np.array(fail_keys, dtype=np.uint64), np.array(fail_models, dtype=np.int32))
+            self._core.merge_failures(np.concatenate(fail_keys), np.concatenate(fail_models))
 
     def _whole_stream(self, n: int, unsat: float) -> Dict[str, float]:
         pn, pu = self._core.peer_counts()
         total = n + pn
         return {"requests": total, "satisfaction": 1.0 - (unsat + pu) / total if total > 0 else float("nan")}
-
-    @staticmethod
-    def _share_failures(v: Any, what: str, K: int, keys: List[int], models: List[int]) -> None:
-        """Check a share's ``failures`` ([key, model] pairs) and append them to keys / models."""
-        if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Sequence):
-            raise ValueError(f"{what} must be a list of [key, model] pairs")
-        for j, pair in enumerate(v):
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise ValueError(f"{what}[{j}] must be a [key, model] pair")
-            key, k = pair
-            if not _is_int(key) or not 0 < key < 2**64:
-                raise ValueError(f"{what}[{j}]: the key must be an int in [1, 2**64), got {key!r}")
-            if not _is_int(k) or not 0 <= k < K:
-                raise ValueError(f"{what}[{j}]: the model must be an index in [0, {K}), got {k!r}")
-            keys.append(int(key))
-            models.append(int(k))
 
     @staticmethod
     def _share_vector(v: Any, what: str, K: int) -> np.ndarray:
