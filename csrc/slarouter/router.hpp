@@ -1617,8 +1617,9 @@ public:
     // Remembered failures (docs/algorithm.md, "Remembered failures"): the model to serve instead
     // of k when a request with exactly these features failed with k before (k itself otherwise).
     // Where one model suffices there is nothing to buy. In a mix the other model of the pair
-    // serves (both failed: the cheaper); where the target needs the most accurate model, the most
-    // accurate one this request has not failed with (a unit of normalised cost worth top_cost).
+    // serves (both failed: k, the queue's choice); where the target needs the most accurate
+    // model, the most accurate one this request has not failed with (a unit of normalised cost
+    // worth top_cost; all failed: k).
     int remembered(const Plan& p, const FeatureView& f, int k) const {
         if (mem_key_.empty() || p.regime == Plan::kServeOne) return k;
         const std::uint64_t* failed = failures_of(f);
