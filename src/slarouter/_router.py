@@ -24,7 +24,9 @@ __all__ = ["Model", "Decision", "Router"]
 _MAGIC = b"SLAROUTR"
 _FORMAT_VERSION = 5  # 3: the peers' evidence (set_peers) follows the state; 4: with their report-rate evidence;
 # 5: the failure memory follows
-_READABLE_VERSIONS = (2, 3, 4, 5)  # a version-2 file is a state without peers, a version-3 one without the last
+# A version-2 file is a state without peers, a version-3 one without their report-rate evidence,
+# a version-4 one without the failure memory.
+_READABLE_VERSIONS = (2, 3, 4, 5)
 _SHARE_KEYS = ("requests", "unsatisfied", "variance", "exposure", "complaints", "audits", "audits_satisfied",
                "audited_unsatisfied", "audited_unsatisfied_complained", "rho_sensitivity")
 _HEADER = struct.Struct("<8sII")  # magic, format version, config length
