@@ -158,19 +158,19 @@ inline std::uint64_t feature_key(const FeatureView& f, int n) {
         }
         return (static_cast<std::uint64_t>(hi) << 32) | lo;
     };
+    auto step = [&lane](int q, std::uint64_t w) {
+        const std::uint64_t x = (lane[q] ^ w) * 0xFF51AFD7ED558CCDULL;
+        lane[q] = x ^ (x >> 32);
+    };
     int j = 0;
     if (dense)  // whole blocks of 8 words are 16 contiguous values
         for (; j + L <= n / 2; j += L)
             for (int q = 0; q < L; ++q) {
                 std::uint64_t w;
                 std::memcpy(&w, f.dense + 2 * (j + q), sizeof w);  // little-endian: lo | hi << 32
-                const std::uint64_t x = (lane[q] ^ w) * 0xFF51AFD7ED558CCDULL;
-                lane[q] = x ^ (x >> 32);
+                step(q, w);
             }
-    for (; j < words; ++j) {
-        const std::uint64_t x = (lane[j % L] ^ word(j)) * 0xFF51AFD7ED558CCDULL;
-        lane[j % L] = x ^ (x >> 32);
-    }
+    for (; j < words; ++j) step(j % L, word(j));
     std::uint64_t h = static_cast<std::uint64_t>(n);
     for (std::uint64_t x : lane) h = mix64(h ^ x);
     return h | 1ULL;

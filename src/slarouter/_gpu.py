@@ -95,15 +95,14 @@ def _route(router, cp, X, cost, ids, models, explored):
             spread = cp.zeros((1, 2), dtype=cp.float32)
         if B > 0:
             _launch(cp, _kernel_args(cp, plan, dots, ci, cj, spread, cost, ids, models, explored), B)
+        m_host = _to_host(cp, models)
         if plan["remember"]:
-            # Remembered failures are looked up on the host: the batch's features and choices
-            # cross to it and the choices come back (only while the memory holds a failure).
-            m = _to_host(cp, models)
-            core.batch_remember(np.ascontiguousarray(_to_host(cp, X), dtype=np.float32), m)
-            models[...] = cp.asarray(m)
+            # Remembered failures are looked up on the host: the batch's features cross to it
+            # and the corrected choices go back (only while the memory holds a failure).
+            core.batch_remember(np.ascontiguousarray(_to_host(cp, X), dtype=np.float32), m_host)
+            models[...] = cp.asarray(m_host)
         grad = _silent_grad(cp, X, Z, models, n_inner, plan) if learn else None
         tail = _to_host(cp, X[n_inner:])
-        m_host = _to_host(cp, models)
         e_host = _to_host(cp, explored)
     except BaseException:
         core.batch_abort()
