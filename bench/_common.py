@@ -49,12 +49,12 @@ def inputs(features, n: int, seed: int = 0) -> list:
     return list(embeddings(n, features, seed))
 
 
-def steady_router(K: int, features, warm: int = 4000, seed: int = 0) -> slarouter.Router:
+def steady_router(K: int, features, warm: int = 4000, seed: int = 0, tuning=None) -> slarouter.Router:
     """A router that has served ``warm`` requests with complaints (report rate 0.3) from users of
     models of accuracies 0.55..0.95: past its first feedback windows, mixing two models."""
     rng = np.random.default_rng(seed + 1)
     r = slarouter.Router(models(K), SLA, report_rate=REPORT_RATE,
-                         features="text" if isinstance(features, tuple) else features, seed=seed)
+                         features="text" if isinstance(features, tuple) else features, seed=seed, tuning=tuning)
     acc = accuracies(K)
     for x in inputs(features, warm, seed + 2):
         d = r.route(x)
@@ -63,11 +63,17 @@ def steady_router(K: int, features, warm: int = 4000, seed: int = 0) -> slaroute
     return r
 
 
-def plan_regime(r: slarouter.Router) -> str:
-    """Which rule the router's next decision uses (without changing the router)."""
+def next_plan(r: slarouter.Router) -> dict:
+    """The plan of the router's next decision (Router.batch_begin), without changing the router."""
     c = slarouter.Router.from_bytes(r.to_bytes())
     p = c._core.batch_begin(1)
     c._core.batch_abort()
+    return p
+
+
+def plan_regime(r: slarouter.Router) -> str:
+    """Which rule the router's next decision uses (without changing the router)."""
+    p = next_plan(r)
     if p["regime"] == 2:
         return f"mix of m{p['i']} and m{p['j']} (w={p['w']:.2f})"
     return {0: "serve the most accurate", 1: "serve the cheapest"}[p["regime"]]

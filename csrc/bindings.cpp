@@ -45,6 +45,22 @@ py::dict estimates_dict(const Estimates& e) {
     return d;
 }
 
+py::array_t<std::uint64_t> feature_keys_py(FloatArray X) {
+    if (X.ndim() != 2) throw std::invalid_argument("feature_keys: X must be 2-D (B, dim)");
+    const py::ssize_t B = X.shape(0);
+    const int n = static_cast<int>(X.shape(1));
+    py::array_t<std::uint64_t> keys(B);
+    std::uint64_t* kp = keys.mutable_data();
+    const float* xp = X.data();
+    for (py::ssize_t r = 0; r < B; ++r) {
+        FeatureView f;
+        f.dense = xp + r * n;
+        f.nnz = n;
+        kp[r] = feature_key(f, n);
+    }
+    return keys;
+}
+
 py::tuple hash_text_py(const std::string& text, int bits, int max_features) {
     Int32Array idx(max_features);
     FloatArray val(max_features);
@@ -425,18 +441,109 @@ public:
         mutex().unlock();
     }
 
+    // Phase 3 for the GPU backend, which counts the rows that close within the batch on the
+    // device: `served` (n_models) and `explored_inner` count them; models, explored and tail hold
+    // the last min(B, window) rows, B being their number plus served's sum.
+    void batch_commit_counts_py(py::array_t<std::int64_t, py::array::c_style> served, std::int64_t explored_inner,
+                                Int32Array models, py::array_t<std::uint8_t, py::array::c_style> explored,
+                                FloatArray tail, py::handle grad) {
+        if (!held_) throw std::runtime_error("batch_commit_counts without batch_begin");
+        const Config& cfg = config();
+        auto fail = [&](const std::string& msg) {
+            held_ = false;
+            mutex().unlock();
+            throw std::invalid_argument("batch_commit_counts: " + msg);
+        };
+        if (served.ndim() != 1 || served.shape(0) != cfg.n_models) fail("served must have one count per model");
+        const std::int64_t* sp = served.data();
+        std::int64_t n_inner = 0;
+        for (int k = 0; k < cfg.n_models; ++k) {
+            if (sp[k] < 0) fail("counts must not be negative");
+            n_inner += sp[k];
+        }
+        const std::int64_t T = models.shape(0);
+        if (models.ndim() != 1 || explored.ndim() != 1 || explored.shape(0) != T) fail("models and explored must be 1-D of one length");
+        if (T > cfg.window || (n_inner > 0 && T != cfg.window))
+            fail("models must hold the batch's last min(B, window) rows");
+        if (explored_inner < 0 || explored_inner > n_inner) fail("explored_inner must lie in [0, closed rows]");
+        if (tail.ndim() != 2 || tail.shape(0) != T || tail.shape(1) != cfg.dim) fail("tail must have shape (rows, dim)");
+        const std::int32_t* mp = models.data();
+        for (std::int64_t r = 0; r < T; ++r)
+            if (mp[r] < 0 || mp[r] >= cfg.n_models) fail("model index out of range");
+        DoubleArray ga;
+        const double* g = nullptr;
+        if (!grad.is_none()) {
+            ga = py::reinterpret_borrow<DoubleArray>(grad);
+            if (ga.ndim() != 2 || ga.shape(0) != cfg.n_models || ga.shape(1) != cfg.dim) fail("grad must have shape (models, dim)");
+            g = ga.data();
+        } else if (n_inner > 0 && cfg.lr > 0.0) {
+            fail("grad is required when rows close within the batch");
+        }
+        {
+            py::gil_scoped_release nogil;
+            const float* tp = tail.data();
+            auto row = [&](std::int64_t r) {
+                FeatureView f;
+                f.dense = tp + (r - n_inner) * cfg.dim;
+                f.nnz = cfg.dim;
+                return f;
+            };
+            InnerCounts inner;
+            inner.served = sp;
+            inner.explored = explored_inner;
+            batch_commit_locked(n_inner + T, mp, explored.data(), row, g, 0, nullptr, false, &inner);
+        }
+        held_ = false;
+        mutex().unlock();
+    }
+
+    // For the GPU backend's memory kernel, while the batch is held: the failure memory's keys,
+    // its failure bits (entries x words) and remembered()'s scores per model, copied.
+    py::tuple batch_memory_py() {
+        if (!held_) throw std::runtime_error("batch_memory without batch_begin");
+        std::vector<std::uint64_t> keys, masks;
+        std::vector<double> scores;
+        memory_snapshot(&keys, &masks, &scores);
+        const py::ssize_t M = static_cast<py::ssize_t>(keys.size());
+        const py::ssize_t words = M > 0 ? static_cast<py::ssize_t>(masks.size()) / M : 1;
+        py::array_t<std::uint64_t> m({M, words});
+        std::copy(masks.begin(), masks.end(), m.mutable_data());
+        return py::make_tuple(py::array_t<std::uint64_t>(M, keys.data()), m,
+                              py::array_t<double>(static_cast<py::ssize_t>(scores.size()), scores.data()));
+    }
+
     // Phase 2b for a Python-side kernel: the remembered failures (Router::remembered) applied to
     // the models the kernel chose, in place; X holds the batch's dense features on the host.
-    void batch_remember_py(FloatArray X, Int32Array models) {
+    // Returns how many models it changed.
+    std::int64_t batch_remember_py(FloatArray X, Int32Array models) {
         if (!held_) throw std::runtime_error("batch_remember without batch_begin");
         const std::int64_t B = models.shape(0);
         if (X.ndim() != 2 || X.shape(0) != B || X.shape(1) != config().dim)
             throw std::invalid_argument("batch_remember: X must have shape (B, dim)");
-        std::int32_t* mp = models.mutable_data();
-        for (std::int64_t r = 0; r < B; ++r)
-            if (mp[r] < 0 || mp[r] >= config().n_models) throw std::invalid_argument("model index out of range in batch_remember");
+        std::int32_t* mp = checked_models(models, "batch_remember");
         py::gil_scoped_release nogil;
-        remembered_rows(held_plan_, X.data(), B, mp);
+        return remembered_rows(held_plan_, X.data(), B, mp);
+    }
+
+    // batch_remember with the rows' keys (feature_key of each row's dense features) in place of
+    // their features: the GPU backend computes them on the device.
+    std::int64_t batch_remember_keys_py(py::array_t<std::uint64_t, py::array::c_style> keys, Int32Array models) {
+        if (!held_) throw std::runtime_error("batch_remember_keys without batch_begin");
+        const std::int64_t B = models.shape(0);
+        if (keys.ndim() != 1 || keys.shape(0) != B)
+            throw std::invalid_argument("batch_remember_keys: keys must have shape (B,)");
+        std::int32_t* mp = checked_models(models, "batch_remember_keys");
+        py::gil_scoped_release nogil;
+        return remembered_keys(held_plan_, keys.data(), B, mp);
+    }
+
+    std::int32_t* checked_models(Int32Array& models, const char* what) {
+        if (models.ndim() != 1) throw std::invalid_argument(std::string(what) + ": models must be 1-D");
+        std::int32_t* mp = models.mutable_data();
+        for (std::int64_t r = 0; r < models.shape(0); ++r)
+            if (mp[r] < 0 || mp[r] >= config().n_models)
+                throw std::invalid_argument(std::string("model index out of range in ") + what);
+        return mp;
     }
 
     void batch_abort_py() {
@@ -580,6 +687,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("hash_text", &hash_text_py, py::arg("text"), py::arg("bits"), py::arg("max_features"),
           "Hashed unigram+bigram features of a text: (indices int32, values float32).");
+    m.def("feature_keys", &feature_keys_py, py::arg("X"),
+          "The failure memory's key of each row of dense features X (B, dim): uint64[B].");
 
     py::class_<PyRouter>(m, "Router")
         .def(py::init<const Config&, py::list, py::object, py::object, py::object, py::object, py::object>(),
@@ -596,8 +705,12 @@ PYBIND11_MODULE(_core, m) {
         .def("batch_begin", &PyRouter::batch_begin_py, py::arg("B"))
         .def("batch_commit", &PyRouter::batch_commit_py, py::arg("models"), py::arg("explored"), py::arg("tail"),
              py::arg("grad"))
+        .def("batch_commit_counts", &PyRouter::batch_commit_counts_py, py::arg("served"), py::arg("explored_inner"),
+             py::arg("models"), py::arg("explored"), py::arg("tail"), py::arg("grad"))
+        .def("batch_memory", &PyRouter::batch_memory_py)
         .def("batch_abort", &PyRouter::batch_abort_py)
         .def("batch_remember", &PyRouter::batch_remember_py, py::arg("X"), py::arg("models"))
+        .def("batch_remember_keys", &PyRouter::batch_remember_keys_py, py::arg("keys"), py::arg("models"))
         .def_static("uniform_draw", &Router::draw, py::arg("state"), py::arg("i"))
         .def("estimates", [](const PyRouter& r) { return estimates_dict(r.estimates()); })
         .def("share",

@@ -18,7 +18,7 @@ except Exception:  # ImportError, or CUDARuntimeError without a driver
 if not _DEVICE:
     pytest.skip("needs CuPy and a CUDA device", allow_module_level=True)
 
-from test_gpu_sim import MODELS, _check_gpu_path  # noqa: E402
+from test_gpu_sim import MODELS, _check_gpu_path, _check_keys, _gpu_keys  # noqa: E402
 
 from slarouter import Router  # noqa: E402
 
@@ -37,6 +37,10 @@ def _cupy_route(router, X, cost):
 def test_decisions_and_state_match_the_cpu(seed, window, beta, d):
     seen = set()
     _check_gpu_path(seed, window, beta, seen, route=_cupy_route, D=d)
+
+
+def test_failure_memory_keys_on_device():
+    _check_keys(lambda X: _gpu_keys(cupy, X))
 
 
 def test_large_batch_on_device():

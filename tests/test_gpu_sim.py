@@ -48,6 +48,38 @@ def test_backend_cupy_without_cupy_or_device_raises():
     assert r.to_bytes() == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (lambda K, W: (np.zeros(K + 1, np.int64), 0, np.zeros(W, np.int32), np.zeros(W, np.uint8), np.zeros((W, D), np.float32)),
+     "one count per model"),
+    (lambda K, W: (np.array([-1] + [1] * (K - 1), np.int64), 0, np.zeros(W, np.int32), np.zeros(W, np.uint8),
+                   np.zeros((W, D), np.float32)), "must not be negative"),
+    (lambda K, W: (np.ones(K, np.int64), 0, np.zeros(W - 1, np.int32), np.zeros(W - 1, np.uint8),
+                   np.zeros((W - 1, D), np.float32)), "last min"),
+    (lambda K, W: (np.zeros(K, np.int64), 0, np.zeros(W + 1, np.int32), np.zeros(W + 1, np.uint8),
+                   np.zeros((W + 1, D), np.float32)), "last min"),
+    (lambda K, W: (np.ones(K, np.int64), K + 1, np.zeros(W, np.int32), np.zeros(W, np.uint8),
+                   np.zeros((W, D), np.float32)), "explored_inner"),
+    (lambda K, W: (np.zeros(K, np.int64), 0, np.full(3, K, np.int32), np.zeros(3, np.uint8),
+                   np.zeros((3, D), np.float32)), "out of range"),
+    (lambda K, W: (np.zeros(K, np.int64), 0, np.zeros(3, np.int32), np.zeros(3, np.uint8),
+                   np.zeros((3, D + 1), np.float32)), "tail must have shape"),
+])
+def test_commit_with_counts_checks_its_input(args, message):
+    """The GPU backend's commit (counts of the closing rows, then the pending rows): bad input
+    raises, releases the router's lock and changes nothing."""
+    r = Router(MODELS, 0.8, report_rate=0.5, features=D, feedback_window=64)
+    r.route_batch(np.ones((100, D), np.float32))
+    aborted = Router.from_bytes(r.to_bytes())  # batch_begin may refresh the estimates: compare with an abort
+    aborted._core.batch_begin(10)
+    aborted._core.batch_abort()
+    r._core.batch_begin(10)
+    grad = np.zeros((len(MODELS), D))
+    with pytest.raises(ValueError, match=message):
+        r._core.batch_commit_counts(*args(len(MODELS), 64), grad)
+    assert r.to_bytes() == aborted.to_bytes()  # and the lock is free again
+    r.route(np.ones(D, np.float32))
+
+
 def test_gpu_logic_under_the_cuda_simulator():
     pkg = str(pathlib.Path(slarouter.__file__).resolve().parents[1])
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
@@ -141,7 +173,7 @@ def _check_kernel_exact(seed, window, beta, seen):
             dots = _lane_dots(plan, X, "w")
             spread = _lane_dots(plan, X, "g") if beta else np.zeros((1, 2))
             ids, models, explored = np.empty(B, np.int64), np.empty(B, np.int32), np.empty(B, np.uint8)
-            _gpu._launch(np, _gpu._kernel_args(np, plan, dots, 0, 1, spread, cost, ids, models, explored), B)
+            _gpu._launch_rows(np, _gpu._kernel_args(np, plan, dots, 0, 1, spread, cost, ids, models, explored), B)
             if plan["remember"]:  # remembered failures, applied after the kernel as slarouter._gpu does
                 sim._core.batch_remember(X, models)
                 seen.add("remember")
@@ -152,6 +184,23 @@ def _check_kernel_exact(seed, window, beta, seen):
         assert int(explored.sum()) == cpu.stats()["explored"] - explored_before
         router.route_batch(X, cost=cost, backend="cpu")
         feedback(ids_cpu, m_cpu)
+
+
+def _gpu_keys(xp, X):
+    from slarouter import _gpu
+
+    return _gpu._to_host(xp, _gpu._feature_keys(xp, xp.asarray(X)))
+
+
+def _check_keys(keys_of):
+    """The key kernel (``keys_of(X) -> uint64[B]`` on the host) against _core.feature_keys, over
+    dimensions below, at and past the 8 lanes, odd and even, and more rows than one block hashes."""
+    rng = np.random.default_rng(5)
+    for B, n in [(1, 1), (3, 2), (17, 7), (40, 16), (33, 17), (20, 384)]:
+        X = rng.standard_normal((B, n)).astype(np.float32)
+        X[-1] = X[0]
+        X[B // 2, 0] = -0.0
+        assert np.array_equal(keys_of(X), slarouter._core.feature_keys(X)), (B, n)
 
 
 def _sim_route(router, X, cost):
@@ -174,6 +223,8 @@ def _check_gpu_path(seed, window, beta, seen, route=_sim_route, D=D):
         probe = Router.from_bytes(state)
         plan = probe._core.batch_begin(len(X))
         probe._core.batch_abort()
+        if plan["remember"]:
+            seen.add(f"gpu remember {plan['regime']}")
         sim = Router.from_bytes(state)
         ids, models = route(sim, X, cost)
         assert (ids == ids_cpu).all()
@@ -219,4 +270,6 @@ def simulated_checks():
     assert any(s[0] == 2 and s[1] and s[2] for s in seen if isinstance(s, tuple)), seen
     assert any(s[3] for s in seen if isinstance(s, tuple)), seen
     assert "remember" in seen, seen
+    assert {"gpu remember 0", "gpu remember 2"} <= seen, seen  # past the valve, and in a mix
+    _check_keys(lambda X: _gpu_keys(np, X))
     print("simulated checks passed", sorted(seen, key=str))

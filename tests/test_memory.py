@@ -153,6 +153,42 @@ def test_batches_remember_as_single_routes_do(backend):
     assert batched.to_bytes() == single.to_bytes()
 
 
+def test_keys_of_rows_match_the_reference_and_look_up_as_features_do():
+    """_core.feature_keys (the keys the GPU path's kernel computes on the device) agrees with the
+    reference, and batch_remember_keys with those keys changes what batch_remember changes."""
+    from reference import feature_key
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 16, 17, 384):
+        X = rng.standard_normal((6, n)).astype(np.float32)
+        X[1] = X[0]
+        X[2, 0] = -0.0
+        keys = slarouter._core.feature_keys(X)
+        assert keys.dtype == np.uint64 and keys[0] == keys[1] and len(set(keys.tolist())) == 5
+        assert keys.tolist() == [feature_key([float(v) for v in x], None, n) for x in X]
+    seed = next(s for s in range(50) if _plan(_router_after(s))["regime"] == 2)
+    X = np.arange(PROMPTS, dtype=np.float32).reshape(-1, 1)
+    by_x, by_key = _router_after(seed), _router_after(seed)
+    m = np.zeros(PROMPTS, np.int32)  # "a" for every prompt, as a kernel might have chosen
+    m_x, m_key = m.copy(), m.copy()
+    by_x._core.batch_begin(PROMPTS)
+    changed = by_x._core.batch_remember(X, m_x)
+    by_x._core.batch_abort()
+    core = by_key._core
+    core.batch_begin(PROMPTS)
+    try:
+        with pytest.raises(ValueError, match="keys must have shape"):
+            core.batch_remember_keys(np.zeros(3, np.uint64), m_key)
+        with pytest.raises(ValueError, match="model index out of range"):
+            core.batch_remember_keys(np.zeros(PROMPTS, np.uint64), np.full(PROMPTS, 2, np.int32))
+        assert core.batch_remember_keys(slarouter._core.feature_keys(X), m_key) == changed > 0
+    finally:
+        core.batch_abort()
+    assert np.array_equal(m_x, m_key) and (m_key[A_SOLVES:B_SOLVES] == 1).mean() > 0.9
+    with pytest.raises(RuntimeError, match="without batch_begin"):
+        core.batch_remember_keys(np.zeros(PROMPTS, np.uint64), m)
+
+
 def _plan(router):
     plan = router._core.batch_begin(1)
     router._core.batch_abort()

@@ -117,6 +117,13 @@ constexpr int kMaxModels = 256;
 // Remembered failures a router passes to its replicas with share() (the most recent ones).
 constexpr std::int64_t kRecentFailures = 1024;
 
+// The rows of a batch that close within it, counted by the caller (Router::batch_commit_locked):
+// how many each model served (n_models entries) and how many were explorations.
+struct InnerCounts {
+    const std::int64_t* served = nullptr;
+    std::int64_t explored = 0;
+};
+
 // What the dual state decides for every request until it changes (Router::plan_locked).
 struct Plan {
     enum Regime : int { kServeBest = 0, kServeOne = 1, kMix = 2 };
@@ -1082,21 +1089,34 @@ public:
     // on `grad_in` (models x dim) when the caller summed their gradients, or on `sums` when the
     // caller computed them by chunks while deciding. `stored`: the caller already stored the
     // features of the rows that stay pending (store_row_features, while deciding).
+    // With `inner` (a caller that counted the closing rows itself; grad_in is then required),
+    // models and explored hold only the rows that stay pending, n_inner..B-1.
     void batch_commit_locked(std::int64_t B, const std::int32_t* models, const std::uint8_t* explored,
                              const std::function<FeatureView(std::int64_t)>& features, const double* grad_in,
-                             int threads = 0, const SilentSums* sums = nullptr, bool stored = false) {
+                             int threads = 0, const SilentSums* sums = nullptr, bool stored = false,
+                             const InnerCounts* inner = nullptr) {
         const std::int64_t t0 = t_;
         const std::int64_t W = cfg_.window;
         const int K = cfg_.n_models;
         // Rows that close within the batch never become pending.
         const std::int64_t n_inner = std::max<std::int64_t>(0, B - W);
+        const std::int64_t off = inner != nullptr ? n_inner : 0;  // index of row `off` in models, explored
         std::vector<char> has(K, 0);
-        for (std::int64_t r = 0; r < n_inner; ++r) {
-            const int k = models[r];
-            served_[k] += 1;
-            closed_[k] += 1;
-            if (explored[r]) explored_ += 1;
-            has[k] = 1;
+        if (inner != nullptr) {
+            for (int k = 0; k < K; ++k) {
+                served_[k] += inner->served[k];
+                closed_[k] += inner->served[k];
+                has[k] = inner->served[k] > 0;
+            }
+            explored_ += inner->explored;
+        } else {
+            for (std::int64_t r = 0; r < n_inner; ++r) {
+                const int k = models[r];
+                served_[k] += 1;
+                closed_[k] += 1;
+                if (explored[r]) explored_ += 1;
+                has[k] = 1;
+            }
         }
         if (cfg_.lr > 0.0 && n_inner > 0) {
             if (grad_in != nullptr) {  // dense routers: the caller summed the gradients per model
@@ -1112,16 +1132,17 @@ public:
         }
         for (std::int64_t r = n_inner; r < B; ++r) {
             const std::int64_t id = t0 + r;
-            const int k = models[r];
+            const int k = models[r - off];
+            const bool e = explored[r - off] != 0;
             const std::size_t sl = static_cast<std::size_t>(id % W);
             slot_model_[sl] = k;
-            slot_flags_[sl] = explored[r] ? kExplored : 0;
+            slot_flags_[sl] = e ? kExplored : 0;
             if (!stored) store_features(sl, features(r));
             const std::size_t b = bucket_of(id);
             pend_[k * nb_ring_ + b] += 1;
             pendnc_[k * nb_ring_ + b] += 1;
             served_[k] += 1;
-            if (explored[r]) explored_ += 1;
+            if (e) explored_ += 1;
         }
         if (n_inner > 0) closed_upto_ = t0 + n_inner;  // begin closed every earlier request
         rng_ += static_cast<std::uint64_t>(2 * B) * 0x9E3779B97F4A7C15ULL;
@@ -1622,7 +1643,11 @@ public:
     // worth top_cost; all failed: k).
     int remembered(const Plan& p, const FeatureView& f, int k) const {
         if (mem_key_.empty() || p.regime == Plan::kServeOne) return k;
-        const std::uint64_t* failed = failures_of(f);
+        return remembered_at(p, failures_of(f), k);
+    }
+
+    // remembered() for a request whose failure bits (or nullptr) were found already.
+    int remembered_at(const Plan& p, const std::uint64_t* failed, int k) const {
         if (failed == nullptr || !has_failed(failed, k)) return k;
         if (p.regime == Plan::kMix) {
             const int o = k == p.i ? p.j : p.i;
@@ -1643,17 +1668,46 @@ public:
     }
 
     // remembered() for the rows of a batch decided by a Python-side kernel (dense features).
-    void remembered_rows(const Plan& p, const float* X, std::int64_t B, std::int32_t* models) const {
-        if (mem_key_.empty() || p.regime == Plan::kServeOne) return;
+    // Returns how many rows it changed.
+    std::int64_t remembered_rows(const Plan& p, const float* X, std::int64_t B, std::int32_t* models) const {
+        if (mem_key_.empty() || p.regime == Plan::kServeOne) return 0;
+        std::int64_t changed = 0;
         for (std::int64_t r = 0; r < B; ++r) {
             FeatureView f;
             f.dense = X + r * cfg_.dim;
             f.nnz = cfg_.dim;
-            models[r] = remembered(p, f, models[r]);
+            const int k = remembered(p, f, models[r]);
+            changed += k != models[r];
+            models[r] = k;
         }
+        return changed;
+    }
+
+    // remembered_rows() for rows given by their keys (feature_key of their dense features).
+    std::int64_t remembered_keys(const Plan& p, const std::uint64_t* keys, std::int64_t B, std::int32_t* models) const {
+        if (mem_key_.empty() || p.regime == Plan::kServeOne) return 0;
+        std::int64_t changed = 0;
+        for (std::int64_t r = 0; r < B; ++r) {
+            const int k = remembered_at(p, failures_of_key(keys[r]), models[r]);
+            changed += k != models[r];
+            models[r] = k;
+        }
+        return changed;
     }
 
     bool remembers_failures() const { return !mem_key_.empty(); }
+
+    // The failure memory as it stands, for a kernel that applies remembered() elsewhere (the GPU
+    // backend): every entry's key and failure bits (mem_words() words an entry), and the score
+    // remembered() ranks the unfailed models by past the valve.
+    void memory_snapshot(std::vector<std::uint64_t>* keys, std::vector<std::uint64_t>* masks,
+                         std::vector<double>* scores) const {
+        *keys = mem_key_;
+        *masks = mem_mask_;
+        scores->resize(static_cast<std::size_t>(cfg_.n_models));
+        for (int m = 0; m < cfg_.n_models; ++m)
+            (*scores)[m] = est_.acc.empty() ? 0.0 : est_.acc[m] - cfg_.top_cost * est_.cnorm[m];
+    }
 
     // This router's most recent remembered failures (key, model), oldest first (share()).
     void recent_failures(std::vector<std::uint64_t>* keys, std::vector<std::int32_t>* models) const {
@@ -1780,8 +1834,10 @@ private:
     int key_length(const FeatureView& f) const { return cfg_.hashed() ? std::min(f.nnz, cfg_.max_features) : cfg_.dim; }
 
     // The failure bits of a request with these features, or nullptr when none are remembered.
-    const std::uint64_t* failures_of(const FeatureView& f) const {
-        const std::uint64_t key = feature_key(f, key_length(f));
+    const std::uint64_t* failures_of(const FeatureView& f) const { return failures_of_key(feature_key(f, key_length(f))); }
+
+    // The same for a request's key (feature_key), computed elsewhere (the GPU backend's key kernel).
+    const std::uint64_t* failures_of_key(std::uint64_t key) const {
         const std::size_t at = static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
         if (mem_key_[at] != key) return nullptr;
         return mem_mask_.data() + at * static_cast<std::size_t>(mem_words());

@@ -32,9 +32,14 @@ from typing import Any, Tuple
 import numpy as np
 
 from . import _backends as be
+from . import _kernels
 from .errors import BackendUnavailableError
 
 _THREADS = 128  # threads per block of the row kernel
+# Fewest blocks a launch asks for. Numba warns (NumbaPerformanceWarning) about grids of fewer than
+# 128 blocks; a small batch's grid is padded to that size instead, the extra threads returning at
+# once, which costs nothing measurable and keeps the caller's warnings free of the library's launches.
+_MIN_BLOCKS = 128
 
 _ALL_FINITE = {}  # the CuPy reduction that checks X, made on first use
 
@@ -94,23 +99,28 @@ def _route(router, cp, X, cost, ids, models, explored):
         else:
             spread = cp.zeros((1, 2), dtype=cp.float32)
         if B > 0:
-            _launch(cp, _kernel_args(cp, plan, dots, ci, cj, spread, cost, ids, models, explored), B)
-        m_host = _to_host(cp, models)
+            _launch_rows(cp, _kernel_args(cp, plan, dots, ci, cj, spread, cost, ids, models, explored), B)
         if plan["remember"]:
-            # Remembered failures are looked up on the host: the batch's features cross to it
-            # and the corrected choices go back (only while the memory holds a failure).
-            core.batch_remember(np.ascontiguousarray(_to_host(cp, X), dtype=np.float32), m_host)
-            models[...] = cp.asarray(m_host)
+            _remember(cp, core, plan, X, models)
         grad = _silent_grad(cp, X, Z, models, n_inner, plan) if learn else None
-        tail = _to_host(cp, X[n_inner:])
-        e_host = _to_host(cp, explored)
+        # What the commit needs: per-model counts of the rows that close within the batch (and
+        # how many explored), and the rows that stay pending, with their features.
+        K = len(router._names)
+        head = np.zeros(K + 1, dtype=np.int64)
+        if n_inner > 0:
+            head = _to_host(cp, cp.concatenate([cp.bincount(models[:n_inner], minlength=K),
+                                                explored[:n_inner].sum(dtype=cp.int64).reshape(1)]))
+        m_tail = np.ascontiguousarray(_to_host(cp, models[n_inner:]), dtype=np.int32)
+        e_tail = np.ascontiguousarray(_to_host(cp, explored[n_inner:]), dtype=np.uint8)
+        tail = np.ascontiguousarray(_to_host(cp, X[n_inner:]), dtype=np.float32)
     except BaseException:
         core.batch_abort()
         raise
     try:
-        core.batch_commit(m_host, e_host, np.ascontiguousarray(tail, dtype=np.float32), grad)
+        core.batch_commit_counts(np.ascontiguousarray(head[:K], dtype=np.int64), int(head[K]), m_tail, e_tail, tail,
+                                 grad)
     except BaseException:
-        core.batch_abort()  # a no-op when batch_commit already released the lock
+        core.batch_abort()  # a no-op when batch_commit_counts already released the lock
         raise
     return ids, models
 
@@ -145,21 +155,43 @@ def _silent_grad(cp, X, Z, models, n, plan) -> np.ndarray:
     return np.ascontiguousarray(_to_host(cp, onehot.T @ X[:n]), dtype=np.float64)
 
 
-def _launch(cp, args, B: int) -> None:
-    from . import _kernels
+def _launch_rows(cp, args, B: int) -> None:
+    """The row kernel over B rows, with arguments from _kernel_args."""
+    _launch(cp, _kernels._cuda_route_rows(), args, (B + _THREADS - 1) // _THREADS, _THREADS)
 
-    kernel = _kernels._cuda_route_rows()
-    blocks = (B + _THREADS - 1) // _THREADS
+
+def _launch(cp, kernel, args, blocks: int, threads: int) -> None:
+    """kernel[blocks, threads](*args), on CuPy's current stream."""
     if cp is np:
-        kernel[blocks, _THREADS](*args)
+        kernel[blocks, threads](*args)
         return
+    blocks = max(blocks, _MIN_BLOCKS)
     from numba import cuda
 
     # On CuPy's current stream, so no synchronisation is needed between CuPy's work and the kernel.
     ptr = cp.cuda.get_current_stream().ptr
     stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
     dev = [cuda.as_cuda_array(a, sync=False) if hasattr(a, "__cuda_array_interface__") else a for a in args]
-    kernel[blocks, _THREADS, stream](*dev)
+    kernel[blocks, threads, stream](*dev)
+
+
+def _remember(cp, core, plan, X, models) -> None:
+    """Remembered failures (Router::remembered) applied to the models the row kernel chose, on the
+    device: the rows' keys are hashed there and looked up in a copy of the failure memory."""
+    table_keys, table_masks, scores = core.batch_memory()
+    B = X.shape[0]
+    _launch(cp, _kernels._cuda_remember_rows(),
+            (_feature_keys(cp, X), cp.asarray(table_keys), cp.asarray(table_masks), plan["regime"], plan["i"],
+             plan["j"], cp.asarray(scores), models), (B + _THREADS - 1) // _THREADS, _THREADS)
+
+
+def _feature_keys(cp, X):
+    """The failure memory's key of each row of X (float32 on the device): uint64[B] on the device."""
+    B = X.shape[0]
+    keys = cp.empty(B, dtype=cp.uint64)
+    _launch(cp, _kernels._cuda_feature_keys(), (X.view(cp.uint32), keys), (B + _kernels.KEY_ROWS - 1) // _kernels.KEY_ROWS,
+            _kernels.KEY_THREADS)
+    return keys
 
 
 def _all_finite(cp, X) -> bool:

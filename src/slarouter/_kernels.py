@@ -206,13 +206,17 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 
 
 @numba.jit(**_JIT)
-def _draw(state, i):
-    """Draw i (1-based) of the splitmix64 generator after ``state`` (Router::draw)."""
-    z = state + np.uint64(i) * _GAMMA
+def _mix64(z):
+    """The splitmix64 finalizer (rng.hpp, mix64)."""
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
-    z = z ^ (z >> _S31)
-    return float(z >> _S11) * (1.0 / 9007199254740992.0)
+    return z ^ (z >> _S31)
+
+
+@numba.jit(**_JIT)
+def _draw(state, i):
+    """Draw i (1-based) of the splitmix64 generator after ``state`` (Router::draw)."""
+    return float(_mix64(state + np.uint64(i) * _GAMMA) >> _S11) * (1.0 / 9007199254740992.0)
 
 
 _LANES = 32  # kernels::kLanes
@@ -417,4 +421,108 @@ def _cuda_route_rows():
             ids[r] = first_id + r
 
         kernel = _CUDA_KERNELS["route_rows"] = cuda.jit(**_CUDA_JIT)(route_rows)
+    return kernel
+
+
+_KEY_MUL = np.uint64(0xFF51AFD7ED558CCD)
+_S32 = np.uint64(32)
+KEY_LANES = 8  # router.hpp, feature_key: word j goes to lane j % 8
+KEY_THREADS = 128  # threads per block of the key kernel ...
+KEY_ROWS = KEY_THREADS // KEY_LANES  # ... which hash this many rows
+
+
+@numba.jit(**_JIT)
+def _key_lane(q):
+    """Lane q's starting value in feature_key."""
+    return _GAMMA * np.uint64(q + 1)
+
+
+@numba.jit(**_JIT)
+def _key_step(lane, lo, hi):
+    """One word (lo | hi << 32) into a lane of feature_key."""
+    x = (lane ^ (np.uint64(lo) | (np.uint64(hi) << _S32))) * _KEY_MUL
+    return x ^ (x >> _S32)
+
+
+def _cuda_feature_keys():
+    """The failure memory's keys of a dense batch on the device (router.hpp, feature_key):
+
+    ``kernel[blocks, KEY_THREADS](bits, keys)`` with ``bits`` the batch's float32 features viewed
+    as uint32 (B, n) and ``keys`` uint64[B]; blocks = ceil(B / KEY_ROWS).
+    Each row has KEY_LANES threads, thread q running lane q over words q, q + 8, ... (a word is
+    two consecutive features, the second 0 past the end), so one row's threads read contiguous
+    memory; the row's first thread folds the lanes with mix64.
+    """
+    global cuda
+    kernel = _CUDA_KERNELS.get("feature_keys")
+    if kernel is None:
+        from numba import cuda
+
+        def feature_keys(bits, keys):
+            t = cuda.threadIdx.x
+            r = cuda.blockIdx.x * KEY_ROWS + t // KEY_LANES
+            q = t % KEY_LANES
+            n = bits.shape[1]
+            lanes = cuda.shared.array(KEY_THREADS, numba.uint64)
+            lane = _key_lane(q)
+            if r < bits.shape[0]:
+                j = q
+                while j < (n + 1) // 2:
+                    lane = _key_step(np.uint64(lane), bits[r, 2 * j], bits[r, 2 * j + 1] if 2 * j + 1 < n else 0)
+                    j += KEY_LANES
+            lanes[t] = lane
+            cuda.syncthreads()
+            if q == 0 and r < bits.shape[0]:
+                h = np.uint64(n)
+                for s in range(KEY_LANES):
+                    h = _mix64(np.uint64(h) ^ lanes[t + s])
+                keys[r] = np.uint64(h) | np.uint64(1)
+
+        kernel = _CUDA_KERNELS["feature_keys"] = cuda.jit(**_CUDA_JIT)(feature_keys)
+    return kernel
+
+
+@numba.jit(**_JIT)
+def _bit(word, k):
+    """Model k's failure bit in ``word``, the entry's word k // 64 (Router::has_failed)."""
+    return (np.uint64(word) >> np.uint64(k & 63)) & np.uint64(1) != 0
+
+
+def _cuda_remember_rows():
+    """Remembered failures on the device (Router::remembered), one thread per row:
+
+    ``kernel[blocks, threads](keys, table_keys, table_masks, regime, i, j, scores, models)``:
+    row r's key ``keys[r]`` (the key kernel's), a copy of the memory (``table_keys`` uint64[M], M a
+    power of two; ``table_masks`` uint64[M, words]), the plan's regime and pair, the score per
+    model past the valve (acc - top_cost * cnorm), and the chosen ``models``, changed in place.
+    The plan's regime is never "serve one" here (the memory changes nothing there).
+    """
+    global cuda
+    kernel = _CUDA_KERNELS.get("remember_rows")
+    if kernel is None:
+        from numba import cuda
+
+        def remember_rows(keys, table_keys, table_masks, regime, i, j, scores, models):
+            r = cuda.grid(1)
+            if r >= models.shape[0]:
+                return
+            key = keys[r]
+            at = key & np.uint64(table_keys.shape[0] - 1)
+            k = models[r]
+            if table_keys[at] != key or not _bit(table_masks[at, k >> 6], k):
+                return
+            if regime == 2:  # a mix: the pair's other model, unless it failed this request too
+                o = j if k == i else i
+                if not _bit(table_masks[at, o >> 6], o):
+                    models[r] = o
+                return
+            best = k  # past the valve: the best-scoring model that has not failed it
+            bs = -math.inf
+            for m in range(scores.shape[0]):
+                if not _bit(table_masks[at, m >> 6], m) and scores[m] > bs:
+                    bs = scores[m]
+                    best = m
+            models[r] = best
+
+        kernel = _CUDA_KERNELS["remember_rows"] = cuda.jit(**_CUDA_JIT)(remember_rows)
     return kernel
