@@ -33,10 +33,18 @@ def _cupy_route(router, X, cost):
     return ids.get(), models.get()
 
 
-@pytest.mark.parametrize("seed, window, beta, d", [(0, 64, 0.0, 12), (1, 256, 0.5, 12), (2, 1024, 0.0, 384)])
-def test_decisions_and_state_match_the_cpu(seed, window, beta, d):
+@pytest.mark.parametrize("seed, window, beta, d, lookup", [(0, 64, 0.0, 12, 100), (1, 256, 0.5, 12, None),
+                                                          (2, 1024, 0.0, 384, 300)])
+def test_decisions_and_state_match_the_cpu(seed, window, beta, d, lookup, monkeypatch):
+    """lookup: the batch size from which remembered failures are looked up on the device."""
+    from slarouter import _gpu
+
+    if lookup is not None:
+        monkeypatch.setattr(_gpu, "DEVICE_LOOKUP_ROWS", lookup)
     seen = set()
     _check_gpu_path(seed, window, beta, seen, route=_cupy_route, D=d)
+    if lookup is not None:
+        assert any(s.endswith("device") for s in seen if isinstance(s, str)), seen
 
 
 def test_failure_memory_keys_on_device():

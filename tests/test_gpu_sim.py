@@ -203,6 +203,12 @@ def _check_keys(keys_of):
         assert np.array_equal(keys_of(X), slarouter._core.feature_keys(X)), (B, n)
 
 
+def _gpu_lookup_rows():
+    from slarouter import _gpu
+
+    return _gpu.DEVICE_LOOKUP_ROWS
+
+
 def _sim_route(router, X, cost):
     """slarouter._gpu with NumPy for CuPy: float32 products, the simulated kernel, the commit."""
     from slarouter import _gpu
@@ -224,7 +230,7 @@ def _check_gpu_path(seed, window, beta, seen, route=_sim_route, D=D):
         plan = probe._core.batch_begin(len(X))
         probe._core.batch_abort()
         if plan["remember"]:
-            seen.add(f"gpu remember {plan['regime']}")
+            seen.add(f"gpu remember {plan['regime']} {'device' if len(X) >= _gpu_lookup_rows() else 'host'}")
         sim = Router.from_bytes(state)
         ids, models = route(sim, X, cost)
         assert (ids == ids_cpu).all()
@@ -259,7 +265,12 @@ def simulated_checks():
     from numba import config
 
     assert config.ENABLE_CUDASIM, "run with NUMBA_ENABLE_CUDASIM=1"
+    from slarouter import _gpu
+
     seen = set()
+    # Batches of 300 rows or more look remembered failures up with the device kernel, smaller
+    # ones on the host (both paths of _gpu._remember).
+    _gpu.DEVICE_LOOKUP_ROWS = 300
     for seed, window, beta in [(0, 64, 0.0), (1, 256, 0.5), (2, 1024, 0.0)]:
         _check_kernel_exact(seed, window, beta, seen)
         _check_gpu_path(seed + 10, window, beta, seen)
@@ -270,6 +281,7 @@ def simulated_checks():
     assert any(s[0] == 2 and s[1] and s[2] for s in seen if isinstance(s, tuple)), seen
     assert any(s[3] for s in seen if isinstance(s, tuple)), seen
     assert "remember" in seen, seen
-    assert {"gpu remember 0", "gpu remember 2"} <= seen, seen  # past the valve, and in a mix
+    # Past the valve and in a mix, looked up on the device and on the host.
+    assert {f"gpu remember {g} {w}" for g in (0, 2) for w in ("device", "host")} <= seen, seen
     _check_keys(lambda X: _gpu_keys(np, X))
     print("simulated checks passed", sorted(seen, key=str))

@@ -2,8 +2,9 @@
 
 The phases are those of the CPU backends (docs/algorithm.md, "Batches"): the batch is validated
 on the device, ``Router.batch_begin`` freezes the plan, the device decides every row, and
-``Router.batch_commit`` records the rows. The decisions stay on the device; only what the router's
-state keeps comes back to the host: the models and exploration flags (5 bytes a row), the features
+``Router.batch_commit_counts`` records the rows. The decisions stay on the device; only what the
+router's state keeps comes back to the host: per model, how many of the rows that close within
+the batch it served (and how many were explorations), the model, exploration flag and features
 of the last min(B, window) rows (those that stay pending) and, when rows close within the batch,
 their summed silent-step gradients (models x dim).
 
@@ -13,7 +14,11 @@ On the device:
   plus ``(X * X) @ [1 / (lambda0 + G_i), 1 / (lambda0 + G_j)]`` for the spreads when beta > 0;
 - the per-row kernel (``slarouter._kernels._cuda_route_rows``) runs the CPU kernel's row logic:
   the splitmix64 draws, the three regimes and the tilt;
-- the silent steps' gradient is ``onehot(models, g).T @ X`` (cuBLAS again).
+- while the router remembers a failure, a kernel hashes each row's key (Router's feature_key) and
+  the remembered failures are applied to the rows' choices: by a second kernel against a copy of
+  the memory for batches of DEVICE_LOOKUP_ROWS rows or more, on the host otherwise (_remember);
+- the silent steps' gradient is ``onehot(models, g).T @ X`` (cuBLAS again);
+- the closing rows' per-model counts are a ``bincount`` of their models.
 
 cuBLAS sums the dot products in single precision and in another order than the CPU's 8 double
 lanes, so a row whose draw lies within about 1e-5 of its mix probability may be decided the other
@@ -40,6 +45,11 @@ _THREADS = 128  # threads per block of the row kernel
 # 128 blocks; a small batch's grid is padded to that size instead, the extra threads returning at
 # once, which costs nothing measurable and keeps the caller's warnings free of the library's launches.
 _MIN_BLOCKS = 128
+# Batches from this size on look remembered failures up on the device (_remember). Measured on an
+# H200 with 16 host cores (DEVELOPERS.md, "GPU check"): the host lookup costs about 5 ns a row
+# (keys copied and looked up), the device lookup about 2 ms from 4,096 to 2^20 rows (two Numba
+# launches and the copy of the memory).
+DEVICE_LOOKUP_ROWS = 1 << 18
 
 _ALL_FINITE = {}  # the CuPy reduction that checks X, made on first use
 
@@ -176,13 +186,21 @@ def _launch(cp, kernel, args, blocks: int, threads: int) -> None:
 
 
 def _remember(cp, core, plan, X, models) -> None:
-    """Remembered failures (Router::remembered) applied to the models the row kernel chose, on the
-    device: the rows' keys are hashed there and looked up in a copy of the failure memory."""
-    table_keys, table_masks, scores = core.batch_memory()
+    """Remembered failures (Router::remembered) applied to the models the row kernel chose. The
+    rows' keys are hashed on the device. A batch of at least DEVICE_LOOKUP_ROWS rows looks them up
+    there too, in a copy of the failure memory; a smaller one sends its keys and choices to the
+    host (12 bytes a row) and gets the choices back only when one changed."""
+    keys = _feature_keys(cp, X)
     B = X.shape[0]
+    if B < DEVICE_LOOKUP_ROWS:
+        m_host = np.ascontiguousarray(_to_host(cp, models), dtype=np.int32)
+        if core.batch_remember_keys(_to_host(cp, keys), m_host):
+            models[...] = cp.asarray(m_host)
+        return
+    table_keys, table_masks, scores = core.batch_memory()
     _launch(cp, _kernels._cuda_remember_rows(),
-            (_feature_keys(cp, X), cp.asarray(table_keys), cp.asarray(table_masks), plan["regime"], plan["i"],
-             plan["j"], cp.asarray(scores), models), (B + _THREADS - 1) // _THREADS, _THREADS)
+            (keys, cp.asarray(table_keys), cp.asarray(table_masks), plan["regime"], plan["i"], plan["j"],
+             cp.asarray(scores), models), (B + _THREADS - 1) // _THREADS, _THREADS)
 
 
 def _feature_keys(cp, X):
