@@ -48,6 +48,25 @@ def test_backend_cupy_without_cupy_or_device_raises():
     assert r.to_bytes() == before
 
 
+def test_a_cuda_target_that_cannot_compile_is_reported(monkeypatch):
+    """A CUDA driver is found but Numba cannot compile for it (as with a numba-cuda that does not
+    import under the installed NumPy): a BackendUnavailableError naming the cause, before the
+    batch begins."""
+    from numba import cuda
+
+    from slarouter import _gpu
+
+    def broken(*args, **kwargs):
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "jit", broken)
+    monkeypatch.setattr(_gpu, "_NUMBA_CUDA", {})
+    with pytest.raises(BackendUnavailableError, match="cannot compile a kernel here .*row_stack"):
+        _gpu._check_numba_cuda(None)
+    assert not _gpu._NUMBA_CUDA
+
+
 @pytest.mark.parametrize("args, message", [
     (lambda K, W: (np.zeros(K + 1, np.int64), 0, np.zeros(W, np.int32), np.zeros(W, np.uint8), np.zeros((W, D), np.float32)),
      "one count per model"),

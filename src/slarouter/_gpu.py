@@ -61,7 +61,7 @@ def route_batch(router: Any, cp: Any, X: Any, cost: Any, out: Any) -> Tuple[Any,
                          "route a sequence of str with backend='cpu'")
     host = cp is np  # the CUDA simulator
     if not host:
-        _check_numba_cuda()
+        _check_numba_cuda(cp)
         if not be._is_cupy(X):
             arr = np.asarray(X)
             if arr.dtype.kind != "f":
@@ -238,13 +238,33 @@ def _on_device(cp, X):
         yield
 
 
-def _check_numba_cuda() -> None:
+_NUMBA_CUDA = {}  # "compiles": set once the probe kernel has run in this process
+
+
+def _probe(a):
+    a[0] = 1.0  # every thread writes the same value
+
+
+def _check_numba_cuda(cp) -> None:
+    """Numba's CUDA target can run the kernels here, or BackendUnavailableError says why. Checked
+    before the batch begins, so that a broken installation leaves the router as it was."""
     from numba import cuda
 
     if not cuda.is_available():
         raise BackendUnavailableError(
             "backend 'cupy' runs its row kernel with Numba's CUDA target, which found no usable CUDA driver "
             "and libNVVM (numba.cuda.is_available() is False; DEVELOPERS.md, 'GPU check', lists what to install)")
+    if _NUMBA_CUDA.get("compiles"):
+        return
+    try:  # compiled and launched as the real kernels are
+        kernel = _NUMBA_CUDA.get("probe") or _NUMBA_CUDA.setdefault("probe", cuda.jit(**_kernels._CUDA_JIT)(_probe))
+        _launch(cp, kernel, (cp.zeros(1),), 1, 1)
+    except Exception as exc:  # e.g. a numba-cuda that does not import under the installed NumPy
+        raise BackendUnavailableError(
+            f"backend 'cupy': Numba's CUDA target is installed but cannot compile a kernel here "
+            f"({type(exc).__name__}: {exc}); the numba-cuda and NumPy versions may not work together "
+            "(DEVELOPERS.md, 'GPU check')") from exc
+    _NUMBA_CUDA["compiles"] = True
 
 
 def _logit(p: float) -> float:
