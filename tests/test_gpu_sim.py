@@ -117,7 +117,9 @@ def test_gpu_logic_under_the_cuda_simulator():
 def _stream(seed, window, beta, n_batches=20, max_batch=200, D=D):
     """Batches (X, cost) and a router fed complaints that depend on the model and the request."""
     rng = np.random.default_rng(seed)
-    tuning = {"beta": beta} if beta else None
+    # A small failure memory, so that batches of a few hundred rows may look it up on the device
+    # (_gpu._remember copies the memory there only for batches at least as large).
+    tuning = {"beta": beta, "memory": 64} if beta else {"memory": 64}
     router = Router(MODELS, 0.8, report_rate=0.5, features=D, seed=seed, feedback_window=window, tuning=tuning)
     true_w = rng.standard_normal((3, D))
     pool = rng.standard_normal((8, D)).astype(np.float32)  # requests that recur (the failure memory)
@@ -222,6 +224,14 @@ def _check_keys(keys_of):
         assert np.array_equal(keys_of(X), slarouter._core.feature_keys(X)), (B, n)
 
 
+def _noting(make_kernel, seen):
+    """_kernels._cuda_remember_rows, noting in ``seen`` that the memory kernel was asked for."""
+    def noted():
+        seen.add("memory kernel")
+        return make_kernel()
+    return noted
+
+
 def _gpu_lookup_rows():
     from slarouter import _gpu
 
@@ -249,7 +259,8 @@ def _check_gpu_path(seed, window, beta, seen, route=_sim_route, D=D):
         plan = probe._core.batch_begin(len(X))
         probe._core.batch_abort()
         if plan["remember"]:
-            seen.add(f"gpu remember {plan['regime']} {'device' if len(X) >= _gpu_lookup_rows() else 'host'}")
+            on_device = len(X) >= max(_gpu_lookup_rows(), router.config["tuning"]["memory"])
+            seen.add(f"gpu remember {plan['regime']} {'device' if on_device else 'host'}")
         sim = Router.from_bytes(state)
         ids, models = route(sim, X, cost)
         assert (ids == ids_cpu).all()
@@ -284,12 +295,13 @@ def simulated_checks():
     from numba import config
 
     assert config.ENABLE_CUDASIM, "run with NUMBA_ENABLE_CUDASIM=1"
-    from slarouter import _gpu
+    from slarouter import _gpu, _kernels
 
     seen = set()
     # Batches of 300 rows or more look remembered failures up with the device kernel, smaller
     # ones on the host (both paths of _gpu._remember).
     _gpu.DEVICE_LOOKUP_ROWS = 300
+    _kernels._cuda_remember_rows = _noting(_kernels._cuda_remember_rows, seen)
     for seed, window, beta in [(0, 64, 0.0), (1, 256, 0.5), (2, 1024, 0.0)]:
         _check_kernel_exact(seed, window, beta, seen)
         _check_gpu_path(seed + 10, window, beta, seen)
@@ -302,5 +314,6 @@ def simulated_checks():
     assert "remember" in seen, seen
     # Past the valve and in a mix, looked up on the device and on the host.
     assert {f"gpu remember {g} {w}" for g in (0, 2) for w in ("device", "host")} <= seen, seen
+    assert "memory kernel" in seen, seen
     _check_keys(lambda X: _gpu_keys(np, X))
     print("simulated checks passed", sorted(seen, key=str))

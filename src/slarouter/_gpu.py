@@ -16,7 +16,8 @@ On the device:
   the splitmix64 draws, the three regimes and the tilt;
 - while the router remembers a failure, a kernel hashes each row's key (Router's feature_key) and
   the remembered failures are applied to the rows' choices: by a second kernel against a copy of
-  the memory for batches of DEVICE_LOOKUP_ROWS rows or more, on the host otherwise (_remember);
+  the memory for batches of DEVICE_LOOKUP_ROWS rows or more (and no fewer than the memory's
+  entries), on the host otherwise (_remember);
 - the silent steps' gradient is ``onehot(models, g).T @ X`` (cuBLAS again);
 - the closing rows' per-model counts are a ``bincount`` of their models.
 
@@ -111,7 +112,7 @@ def _route(router, cp, X, cost, ids, models, explored):
         if B > 0:
             _launch_rows(cp, _kernel_args(cp, plan, dots, ci, cj, spread, cost, ids, models, explored), B)
         if plan["remember"]:
-            _remember(cp, core, plan, X, models)
+            _remember(cp, core, plan, X, models, cfg.memory)
         grad = _silent_grad(cp, X, Z, models, n_inner, plan) if learn else None
         # What the commit needs: per-model counts of the rows that close within the batch (and
         # how many explored), and the rows that stay pending, with their features.
@@ -185,14 +186,15 @@ def _launch(cp, kernel, args, blocks: int, threads: int) -> None:
     kernel[blocks, threads, stream](*dev)
 
 
-def _remember(cp, core, plan, X, models) -> None:
+def _remember(cp, core, plan, X, models, entries: int) -> None:
     """Remembered failures (Router::remembered) applied to the models the row kernel chose. The
-    rows' keys are hashed on the device. A batch of at least DEVICE_LOOKUP_ROWS rows looks them up
-    there too, in a copy of the failure memory; a smaller one sends its keys and choices to the
-    host (12 bytes a row) and gets the choices back only when one changed."""
+    rows' keys are hashed on the device. A batch of at least DEVICE_LOOKUP_ROWS rows, and of at
+    least as many rows as the memory has entries, looks them up there too, in a copy of the memory
+    (16 bytes an entry or more cross); any other sends its keys and choices to the host (12 bytes
+    a row) and gets the choices back only when one changed."""
     keys = _feature_keys(cp, X)
     B = X.shape[0]
-    if B < DEVICE_LOOKUP_ROWS:
+    if B < max(DEVICE_LOOKUP_ROWS, entries):
         m_host = np.ascontiguousarray(_to_host(cp, models), dtype=np.int32)
         if core.batch_remember_keys(_to_host(cp, keys), m_host):
             models[...] = cp.asarray(m_host)
