@@ -413,20 +413,27 @@ public:
             ga = py::reinterpret_borrow<DoubleArray>(grad);
             g = ga.data();
         } else if (n_inner > 0 && cfg.lr > 0.0) {
-            held_ = false;
-            mutex().unlock();
-            throw std::invalid_argument("grad is required when rows close within the batch");
+            release_and_throw("grad is required when rows close within the batch");
         }
-        const float* tp = tail.data();
         const std::int32_t* mp = models.data();
-        const std::uint8_t* ep = explored.data();
-        for (std::int64_t r = 0; r < B; ++r) {
-            if (mp[r] < 0 || mp[r] >= cfg.n_models) {
-                held_ = false;
-                mutex().unlock();
-                throw std::invalid_argument("model index out of range in batch_commit");
-            }
-        }
+        for (std::int64_t r = 0; r < B; ++r)
+            if (mp[r] < 0 || mp[r] >= cfg.n_models) release_and_throw("model index out of range in batch_commit");
+        commit_held(B, mp, explored.data(), tail.data(), g);
+    }
+
+    // Bad input to a commit: releases the lock the batch holds and throws invalid_argument(msg).
+    [[noreturn]] void release_and_throw(const std::string& msg) {
+        held_ = false;
+        mutex().unlock();
+        throw std::invalid_argument(msg);
+    }
+
+    // Records the held batch of B rows (batch_commit_locked; the rows that stay pending have
+    // their features in tail, a row each) and releases the lock.
+    void commit_held(std::int64_t B, const std::int32_t* mp, const std::uint8_t* ep, const float* tp, const double* g,
+                     const InnerCounts* inner = nullptr) {
+        const Config& cfg = config();
+        const std::int64_t n_inner = std::max<std::int64_t>(0, B - cfg.window);
         {
             py::gil_scoped_release nogil;
             auto row = [&](std::int64_t r) {
@@ -435,7 +442,7 @@ public:
                 f.nnz = cfg.dim;
                 return f;
             };
-            batch_commit_locked(B, mp, ep, row, g);
+            batch_commit_locked(B, mp, ep, row, g, 0, nullptr, false, inner);
         }
         held_ = false;
         mutex().unlock();
@@ -449,11 +456,7 @@ public:
                                 FloatArray tail, py::handle grad) {
         if (!held_) throw std::runtime_error("batch_commit_counts without batch_begin");
         const Config& cfg = config();
-        auto fail = [&](const std::string& msg) {
-            held_ = false;
-            mutex().unlock();
-            throw std::invalid_argument("batch_commit_counts: " + msg);
-        };
+        auto fail = [&](const std::string& msg) { release_and_throw("batch_commit_counts: " + msg); };
         if (served.ndim() != 1 || served.shape(0) != cfg.n_models) fail("served must have one count per model");
         const std::int64_t* sp = served.data();
         std::int64_t n_inner = 0;
@@ -479,22 +482,10 @@ public:
         } else if (n_inner > 0 && cfg.lr > 0.0) {
             fail("grad is required when rows close within the batch");
         }
-        {
-            py::gil_scoped_release nogil;
-            const float* tp = tail.data();
-            auto row = [&](std::int64_t r) {
-                FeatureView f;
-                f.dense = tp + (r - n_inner) * cfg.dim;
-                f.nnz = cfg.dim;
-                return f;
-            };
-            InnerCounts inner;
-            inner.served = sp;
-            inner.explored = explored_inner;
-            batch_commit_locked(n_inner + T, mp, explored.data(), row, g, 0, nullptr, false, &inner);
-        }
-        held_ = false;
-        mutex().unlock();
+        InnerCounts inner;
+        inner.served = sp;
+        inner.explored = explored_inner;
+        commit_held(n_inner + T, mp, explored.data(), tail.data(), g, &inner);
     }
 
     // For the GPU backend's memory kernel, while the batch is held: the failure memory's keys,

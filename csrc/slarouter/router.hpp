@@ -612,31 +612,26 @@ public:
             check_peers(pr, "state is corrupt: peers");
         }
         if (pos != blob.size()) {
-            // Empty, or the table of this configuration's size.
-            auto get_mem = [&](std::vector<std::uint64_t>& v, std::uint64_t per_entry) {
+            // A vector that is empty or holds exactly `size` entries (else `bad` is the error).
+            auto get_sized = [&](auto& v, std::uint64_t size, const char* bad) {
                 std::uint64_t n = 0;
                 get(&n, sizeof n);
-                if (n != 0 && n != static_cast<std::uint64_t>(cfg_.memory) * per_entry)
-                    throw std::invalid_argument("state does not match this configuration (failure memory)");
+                if (n != 0 && n != size) throw std::invalid_argument(bad);
                 v.resize(n);
                 if (n) get(v.data(), n * sizeof(v[0]));
             };
-            get_mem(tmp.mem_key_, 1);
-            get_mem(tmp.mem_mask_, static_cast<std::uint64_t>(tmp.mem_words()));
+            // Empty, or the table of this configuration's size.
+            const char* other_size = "state does not match this configuration (failure memory)";
+            const auto entries = static_cast<std::uint64_t>(cfg_.memory);
+            get_sized(tmp.mem_key_, entries, other_size);
+            get_sized(tmp.mem_mask_, entries * static_cast<std::uint64_t>(tmp.mem_words()), other_size);
             if (tmp.mem_key_.empty() != tmp.mem_mask_.empty())
                 throw std::invalid_argument("state is corrupt: failure memory");
             for (std::uint64_t key : tmp.mem_key_) tmp.mem_used_ += key != 0;
             get(&tmp.recent_n_, sizeof tmp.recent_n_);
-            auto get_ring = [&](auto& v) {
-                std::uint64_t n = 0;
-                get(&n, sizeof n);
-                if (n != 0 && n != static_cast<std::uint64_t>(kRecentFailures))
-                    throw std::invalid_argument("state is corrupt: recent failures");
-                v.resize(n);
-                if (n) get(v.data(), n * sizeof(v[0]));
-            };
-            get_ring(tmp.recent_key_);
-            get_ring(tmp.recent_model_);
+            const char* bad_ring = "state is corrupt: recent failures";
+            get_sized(tmp.recent_key_, static_cast<std::uint64_t>(kRecentFailures), bad_ring);
+            get_sized(tmp.recent_model_, static_cast<std::uint64_t>(kRecentFailures), bad_ring);
             if (tmp.recent_n_ < 0 || (tmp.recent_n_ == 0) != tmp.recent_key_.empty() ||
                 tmp.recent_key_.size() != tmp.recent_model_.size())
                 throw std::invalid_argument("state is corrupt: recent failures");
@@ -1653,12 +1648,11 @@ public:
             const int o = k == p.i ? p.j : p.i;
             return has_failed(failed, o) ? k : o;
         }
-        const Estimates& e = est_;
         int best = k;
         double bs = -std::numeric_limits<double>::infinity();
         for (int m = 0; m < cfg_.n_models; ++m) {
             if (has_failed(failed, m)) continue;
-            const double sc = e.acc[m] - cfg_.top_cost * e.cnorm[m];
+            const double sc = memory_score(m);
             if (sc > bs) {
                 bs = sc;
                 best = m;
@@ -1670,29 +1664,17 @@ public:
     // remembered() for the rows of a batch decided by a Python-side kernel (dense features).
     // Returns how many rows it changed.
     std::int64_t remembered_rows(const Plan& p, const float* X, std::int64_t B, std::int32_t* models) const {
-        if (mem_key_.empty() || p.regime == Plan::kServeOne) return 0;
-        std::int64_t changed = 0;
-        for (std::int64_t r = 0; r < B; ++r) {
+        return remembered_each(p, B, models, [&](std::int64_t r) {
             FeatureView f;
             f.dense = X + r * cfg_.dim;
             f.nnz = cfg_.dim;
-            const int k = remembered(p, f, models[r]);
-            changed += k != models[r];
-            models[r] = k;
-        }
-        return changed;
+            return failures_of(f);
+        });
     }
 
     // remembered_rows() for rows given by their keys (feature_key of their dense features).
     std::int64_t remembered_keys(const Plan& p, const std::uint64_t* keys, std::int64_t B, std::int32_t* models) const {
-        if (mem_key_.empty() || p.regime == Plan::kServeOne) return 0;
-        std::int64_t changed = 0;
-        for (std::int64_t r = 0; r < B; ++r) {
-            const int k = remembered_at(p, failures_of_key(keys[r]), models[r]);
-            changed += k != models[r];
-            models[r] = k;
-        }
-        return changed;
+        return remembered_each(p, B, models, [&](std::int64_t r) { return failures_of_key(keys[r]); });
     }
 
     bool remembers_failures() const { return !mem_key_.empty(); }
@@ -1705,8 +1687,7 @@ public:
         *keys = mem_key_;
         *masks = mem_mask_;
         scores->resize(static_cast<std::size_t>(cfg_.n_models));
-        for (int m = 0; m < cfg_.n_models; ++m)
-            (*scores)[m] = est_.acc.empty() ? 0.0 : est_.acc[m] - cfg_.top_cost * est_.cnorm[m];
+        for (int m = 0; m < cfg_.n_models; ++m) (*scores)[m] = est_.acc.empty() ? 0.0 : memory_score(m);
     }
 
     // This router's most recent remembered failures (key, model), oldest first (share()).
@@ -1838,9 +1819,32 @@ private:
 
     // The same for a request's key (feature_key), computed elsewhere (the GPU backend's key kernel).
     const std::uint64_t* failures_of_key(std::uint64_t key) const {
-        const std::size_t at = static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
+        const std::size_t at = mem_slot(key);
         if (mem_key_[at] != key) return nullptr;
         return mem_mask_.data() + at * static_cast<std::size_t>(mem_words());
+    }
+
+    // The entry of the (direct-mapped) failure memory a key maps to.
+    std::size_t mem_slot(std::uint64_t key) const {
+        return static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
+    }
+
+    // What remembered() ranks the models a request has not failed by, past the valve: accuracy,
+    // a unit of normalised cost worth top_cost.
+    double memory_score(int m) const { return est_.acc[m] - cfg_.top_cost * est_.cnorm[m]; }
+
+    // remembered_at() for rows 0..B-1 of a batch, row r's failure bits given by bits_of(r); the
+    // models change in place. Returns how many changed.
+    template <class BitsOf>
+    std::int64_t remembered_each(const Plan& p, std::int64_t B, std::int32_t* models, BitsOf bits_of) const {
+        if (mem_key_.empty() || p.regime == Plan::kServeOne) return 0;
+        std::int64_t changed = 0;
+        for (std::int64_t r = 0; r < B; ++r) {
+            const int k = remembered_at(p, bits_of(r), models[r]);
+            changed += k != models[r];
+            models[r] = k;
+        }
+        return changed;
     }
 
     static bool has_failed(const std::uint64_t* bits, int k) { return (bits[k >> 6] >> (k & 63)) & 1ULL; }
@@ -1869,7 +1873,7 @@ private:
             mem_key_.assign(static_cast<std::size_t>(cfg_.memory), 0);
             mem_mask_.assign(static_cast<std::size_t>(cfg_.memory) * words, 0);
         }
-        const std::size_t at = static_cast<std::size_t>(key & static_cast<std::uint64_t>(cfg_.memory - 1));
+        const std::size_t at = mem_slot(key);
         std::uint64_t* bits = mem_mask_.data() + at * static_cast<std::size_t>(words);
         if (mem_key_[at] != key) {
             mem_used_ += mem_key_[at] == 0;
