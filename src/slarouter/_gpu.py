@@ -166,9 +166,11 @@ def _silent_grad(cp, X, Z, models, n, plan) -> np.ndarray:
     return np.ascontiguousarray(_to_host(cp, onehot.T @ X[:n]), dtype=np.float64)
 
 
-def _launch_rows(cp, args, B: int) -> None:
-    """The row kernel over B rows, with arguments from _kernel_args."""
-    _launch(cp, _kernels._cuda_route_rows(), args, (B + _THREADS - 1) // _THREADS, _THREADS)
+def _launch_rows(cp, args, B: int, kernel=None) -> None:
+    """A kernel of one thread per row over B rows: the row kernel (arguments from _kernel_args)
+    unless another is given."""
+    kernel = _kernels._cuda_route_rows() if kernel is None else kernel
+    _launch(cp, kernel, args, (B + _THREADS - 1) // _THREADS, _THREADS)
 
 
 def _launch(cp, kernel, args, blocks: int, threads: int) -> None:
@@ -200,9 +202,8 @@ def _remember(cp, core, plan, X, models, entries: int) -> None:
             models[...] = cp.asarray(m_host)
         return
     table_keys, table_masks, scores = core.batch_memory()
-    _launch(cp, _kernels._cuda_remember_rows(),
-            (keys, cp.asarray(table_keys), cp.asarray(table_masks), plan["regime"], plan["i"], plan["j"],
-             cp.asarray(scores), models), (B + _THREADS - 1) // _THREADS, _THREADS)
+    _launch_rows(cp, (keys, cp.asarray(table_keys), cp.asarray(table_masks), plan["regime"], plan["i"], plan["j"],
+                      cp.asarray(scores), models), B, _kernels._cuda_remember_rows())
 
 
 def _feature_keys(cp, X):

@@ -382,7 +382,19 @@ def _all_finite(X):
 
 _CUDA_JIT = dict(fastmath=False)
 _CUDA_KERNELS = {}
-cuda = None  # numba.cuda once _cuda_route_rows has run (a global, so that the simulator can swap it)
+cuda = None  # numba.cuda once a kernel is built (a global, so that the simulator can swap it)
+
+
+def _cuda_kernel(fn):
+    """The CUDA kernel compiled from ``fn`` (one of the ``*_cuda`` functions below), built on
+    first use."""
+    global cuda
+    kernel = _CUDA_KERNELS.get(fn.__name__)
+    if kernel is None:
+        from numba import cuda
+
+        kernel = _CUDA_KERNELS[fn.__name__] = cuda.jit(**_CUDA_JIT)(fn)
+    return kernel
 
 
 def _cuda_route_rows():
@@ -396,32 +408,27 @@ def _cuda_route_rows():
     (padded to one entry); ``li, lj, lw`` are the logits of acc_i, acc_j, w and ``gap`` is
     ``max(acc_j - acc_i, 1e-3)``, as _route_rows computes them.
     """
-    global cuda
-    kernel = _CUDA_KERNELS.get("route_rows")
-    if kernel is None:
-        from numba import cuda
+    return _cuda_kernel(_route_rows_cuda)
 
-        def route_rows(dots, ci, cj, spread, cost, has_cost, regime, model, eps, cand, nc, i, j, w, lw, tilt, beta,
-                       li, lj, acc_i, acc_j, gap, cmean_i, cmean_j, rng, first_id, ids, models, explored):
-            r = cuda.grid(1)
-            if r >= models.shape[0]:
-                return
-            u1 = _draw(rng, 2 * r + 1)
-            u2 = _draw(rng, 2 * r + 2)
-            adv = 0.0
-            if _tilted(regime, w, tilt):
-                si = np.float64(spread[r, 0]) if beta > 0.0 else 0.0
-                sj = np.float64(spread[r, 1]) if beta > 0.0 else 0.0
-                adv = _advantage(np.float64(dots[r, ci]), np.float64(dots[r, cj]), si, sj, beta, li, lj, acc_i, acc_j, gap,
-                                 has_cost, cost[r, i] if has_cost else 0.0, cost[r, j] if has_cost else 0.0,
-                                 cmean_i, cmean_j)
-            k, e = _pick(regime, model, eps, nc, i, j, w, lw, tilt, adv, u1, u2)
-            models[r] = cand[k] if e else k
-            explored[r] = e
-            ids[r] = first_id + r
 
-        kernel = _CUDA_KERNELS["route_rows"] = cuda.jit(**_CUDA_JIT)(route_rows)
-    return kernel
+def _route_rows_cuda(dots, ci, cj, spread, cost, has_cost, regime, model, eps, cand, nc, i, j, w, lw, tilt, beta,
+                     li, lj, acc_i, acc_j, gap, cmean_i, cmean_j, rng, first_id, ids, models, explored):
+    r = cuda.grid(1)
+    if r >= models.shape[0]:
+        return
+    u1 = _draw(rng, 2 * r + 1)
+    u2 = _draw(rng, 2 * r + 2)
+    adv = 0.0
+    if _tilted(regime, w, tilt):
+        si = np.float64(spread[r, 0]) if beta > 0.0 else 0.0
+        sj = np.float64(spread[r, 1]) if beta > 0.0 else 0.0
+        adv = _advantage(np.float64(dots[r, ci]), np.float64(dots[r, cj]), si, sj, beta, li, lj, acc_i, acc_j, gap,
+                         has_cost, cost[r, i] if has_cost else 0.0, cost[r, j] if has_cost else 0.0,
+                         cmean_i, cmean_j)
+    k, e = _pick(regime, model, eps, nc, i, j, w, lw, tilt, adv, u1, u2)
+    models[r] = cand[k] if e else k
+    explored[r] = e
+    ids[r] = first_id + r
 
 
 _KEY_MUL = np.uint64(0xFF51AFD7ED558CCD)
@@ -453,33 +460,28 @@ def _cuda_feature_keys():
     two consecutive features, the second 0 past the end), so one row's threads read contiguous
     memory; the row's first thread folds the lanes with mix64.
     """
-    global cuda
-    kernel = _CUDA_KERNELS.get("feature_keys")
-    if kernel is None:
-        from numba import cuda
+    return _cuda_kernel(_feature_keys_cuda)
 
-        def feature_keys(bits, keys):
-            t = cuda.threadIdx.x
-            r = cuda.blockIdx.x * KEY_ROWS + t // KEY_LANES
-            q = t % KEY_LANES
-            n = bits.shape[1]
-            lanes = cuda.shared.array(KEY_THREADS, numba.uint64)
-            lane = _key_lane(q)
-            if r < bits.shape[0]:
-                j = q
-                while j < (n + 1) // 2:
-                    lane = _key_step(np.uint64(lane), bits[r, 2 * j], bits[r, 2 * j + 1] if 2 * j + 1 < n else 0)
-                    j += KEY_LANES
-            lanes[t] = lane
-            cuda.syncthreads()
-            if q == 0 and r < bits.shape[0]:
-                h = np.uint64(n)
-                for s in range(KEY_LANES):
-                    h = _mix64(np.uint64(h) ^ lanes[t + s])
-                keys[r] = np.uint64(h) | np.uint64(1)
 
-        kernel = _CUDA_KERNELS["feature_keys"] = cuda.jit(**_CUDA_JIT)(feature_keys)
-    return kernel
+def _feature_keys_cuda(bits, keys):
+    t = cuda.threadIdx.x
+    r = cuda.blockIdx.x * KEY_ROWS + t // KEY_LANES
+    q = t % KEY_LANES
+    n = bits.shape[1]
+    lanes = cuda.shared.array(KEY_THREADS, numba.uint64)
+    lane = _key_lane(q)
+    if r < bits.shape[0]:
+        j = q
+        while j < (n + 1) // 2:
+            lane = _key_step(np.uint64(lane), bits[r, 2 * j], bits[r, 2 * j + 1] if 2 * j + 1 < n else 0)
+            j += KEY_LANES
+    lanes[t] = lane
+    cuda.syncthreads()
+    if q == 0 and r < bits.shape[0]:
+        h = np.uint64(n)
+        for s in range(KEY_LANES):
+            h = _mix64(np.uint64(h) ^ lanes[t + s])
+        keys[r] = np.uint64(h) | np.uint64(1)
 
 
 @numba.jit(**_JIT)
@@ -497,32 +499,27 @@ def _cuda_remember_rows():
     model past the valve (acc - top_cost * cnorm), and the chosen ``models``, changed in place.
     The plan's regime is never "serve one" here (the memory changes nothing there).
     """
-    global cuda
-    kernel = _CUDA_KERNELS.get("remember_rows")
-    if kernel is None:
-        from numba import cuda
+    return _cuda_kernel(_remember_rows_cuda)
 
-        def remember_rows(keys, table_keys, table_masks, regime, i, j, scores, models):
-            r = cuda.grid(1)
-            if r >= models.shape[0]:
-                return
-            key = keys[r]
-            at = key & np.uint64(table_keys.shape[0] - 1)
-            k = models[r]
-            if table_keys[at] != key or not _bit(table_masks[at, k >> 6], k):
-                return
-            if regime == 2:  # a mix: the pair's other model, unless it failed this request too
-                o = j if k == i else i
-                if not _bit(table_masks[at, o >> 6], o):
-                    models[r] = o
-                return
-            best = k  # past the valve: the best-scoring model that has not failed it
-            bs = -math.inf
-            for m in range(scores.shape[0]):
-                if not _bit(table_masks[at, m >> 6], m) and scores[m] > bs:
-                    bs = scores[m]
-                    best = m
-            models[r] = best
 
-        kernel = _CUDA_KERNELS["remember_rows"] = cuda.jit(**_CUDA_JIT)(remember_rows)
-    return kernel
+def _remember_rows_cuda(keys, table_keys, table_masks, regime, i, j, scores, models):
+    r = cuda.grid(1)
+    if r >= models.shape[0]:
+        return
+    key = keys[r]
+    at = key & np.uint64(table_keys.shape[0] - 1)
+    k = models[r]
+    if table_keys[at] != key or not _bit(table_masks[at, k >> 6], k):
+        return
+    if regime == 2:  # a mix: the pair's other model, unless it failed this request too
+        o = j if k == i else i
+        if not _bit(table_masks[at, o >> 6], o):
+            models[r] = o
+        return
+    best = k  # past the valve: the best-scoring model that has not failed it
+    bs = -math.inf
+    for m in range(scores.shape[0]):
+        if not _bit(table_masks[at, m >> 6], m) and scores[m] > bs:
+            bs = scores[m]
+            best = m
+    models[r] = best
