@@ -232,12 +232,6 @@ def _noting(make_kernel, seen):
     return noted
 
 
-def _gpu_lookup_rows():
-    from slarouter import _gpu
-
-    return _gpu.DEVICE_LOOKUP_ROWS
-
-
 def _sim_route(router, X, cost):
     """slarouter._gpu with NumPy for CuPy: float32 products, the simulated kernel, the commit."""
     from slarouter import _gpu
@@ -259,7 +253,9 @@ def _check_gpu_path(seed, window, beta, seen, route=_sim_route, D=D):
         plan = probe._core.batch_begin(len(X))
         probe._core.batch_abort()
         if plan["remember"]:
-            on_device = len(X) >= max(_gpu_lookup_rows(), router.config["tuning"]["memory"])
+            from slarouter import _gpu
+
+            on_device = len(X) >= max(_gpu.DEVICE_LOOKUP_ROWS, router.config["tuning"]["memory"])
             seen.add(f"gpu remember {plan['regime']} {'device' if on_device else 'host'}")
         sim = Router.from_bytes(state)
         ids, models = route(sim, X, cost)
