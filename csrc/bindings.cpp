@@ -1,5 +1,6 @@
 // Python bindings of the slarouter core.  Validation and defaults live in Python
 // (src/slarouter); this file only converts arrays and releases the GIL.
+#include <algorithm>
 #include <atomic>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -416,8 +417,7 @@ public:
             release_and_throw("grad is required when rows close within the batch");
         }
         const std::int32_t* mp = models.data();
-        for (std::int64_t r = 0; r < B; ++r)
-            if (mp[r] < 0 || mp[r] >= cfg.n_models) release_and_throw("model index out of range in batch_commit");
+        if (!models_in_range(mp, B)) release_and_throw("model index out of range in batch_commit");
         commit_held(B, mp, explored.data(), tail.data(), g);
     }
 
@@ -471,8 +471,7 @@ public:
         if (explored_inner < 0 || explored_inner > n_inner) fail("explored_inner must lie in [0, closed rows]");
         if (tail.ndim() != 2 || tail.shape(0) != T || tail.shape(1) != cfg.dim) fail("tail must have shape (rows, dim)");
         const std::int32_t* mp = models.data();
-        for (std::int64_t r = 0; r < T; ++r)
-            if (mp[r] < 0 || mp[r] >= cfg.n_models) fail("model index out of range");
+        if (!models_in_range(mp, T)) fail("model index out of range");
         DoubleArray ga;
         const double* g = nullptr;
         if (!grad.is_none()) {
@@ -531,10 +530,15 @@ public:
     std::int32_t* checked_models(Int32Array& models, const char* what) {
         if (models.ndim() != 1) throw std::invalid_argument(std::string(what) + ": models must be 1-D");
         std::int32_t* mp = models.mutable_data();
-        for (std::int64_t r = 0; r < models.shape(0); ++r)
-            if (mp[r] < 0 || mp[r] >= config().n_models)
-                throw std::invalid_argument(std::string("model index out of range in ") + what);
+        if (!models_in_range(mp, models.shape(0)))
+            throw std::invalid_argument(std::string("model index out of range in ") + what);
         return mp;
+    }
+
+    // Every one of the n model indices names one of the router's models.
+    bool models_in_range(const std::int32_t* mp, std::int64_t n) const {
+        const int K = config().n_models;
+        return std::all_of(mp, mp + n, [K](std::int32_t k) { return k >= 0 && k < K; });
     }
 
     void batch_abort_py() {

@@ -634,9 +634,9 @@ public:
             get_sized(tmp.recent_model_, static_cast<std::uint64_t>(kRecentFailures), bad_ring);
             if (tmp.recent_n_ < 0 || (tmp.recent_n_ == 0) != tmp.recent_key_.empty() ||
                 tmp.recent_key_.size() != tmp.recent_model_.size())
-                throw std::invalid_argument("state is corrupt: recent failures");
+                throw std::invalid_argument(bad_ring);
             for (std::int32_t m : tmp.recent_model_)
-                if (m < 0 || m >= cfg_.n_models) throw std::invalid_argument("state is corrupt: recent failures");
+                if (m < 0 || m >= cfg_.n_models) throw std::invalid_argument(bad_ring);
         }
         if (pos != blob.size()) throw std::invalid_argument("state has trailing bytes");
         tmp.validate_loaded();
