@@ -42,6 +42,14 @@ def embeddings(n: int, d: int, seed: int = 0) -> np.ndarray:
     return X
 
 
+def device_batch(xp, B: int, d: int):
+    """B unit-norm float32 rows of dimension d as an ``xp`` (CuPy) array: 65,536 distinct rows,
+    repeated (the GPU benchmarks)."""
+    X = xp.asarray(embeddings(min(B, 65536), d, seed=1))
+    X = xp.concatenate([X] * (B // X.shape[0]) + [X[: B % X.shape[0]]]) if B > X.shape[0] else X
+    return xp.ascontiguousarray(X)
+
+
 def inputs(features, n: int, seed: int = 0) -> list:
     """n requests for a router: rows of embeddings (features=d) or prompts (features=("text", words))."""
     if isinstance(features, tuple):

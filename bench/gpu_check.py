@@ -73,7 +73,7 @@ def timed(cupy, fn, calls: int) -> np.ndarray:
 def measure(B: int, d: int, K: int, calls: int) -> dict:
     import cupy
 
-    X = _batch(cupy, B, d)
+    X = cm.device_batch(cupy, B, d)
     res = _measure_path(cupy, X, K, calls, memory=None)
     res_off = _measure_path(cupy, X, K, calls, memory=0)
     t_pass = timed(cupy, lambda: X.sum(), calls)
@@ -110,13 +110,6 @@ def measure(B: int, d: int, K: int, calls: int) -> dict:
         "copy_X_to_host_s": float(np.median(t_host)),
         "cpu_backend_s": float(np.median(t_cpu)), "cpu_backend_decisions_per_s": B / float(np.median(t_cpu)),
     }
-
-
-def _batch(cupy, B, d):
-    """B unit-norm float32 rows of dimension d on the device (65,536 distinct rows, repeated)."""
-    X = cupy.asarray(cm.embeddings(min(B, 65536), d, seed=1))
-    X = cupy.concatenate([X] * (B // X.shape[0]) + [X[: B % X.shape[0]]]) if B > X.shape[0] else X
-    return cupy.ascontiguousarray(X)
 
 
 def _measure_path(cupy, X, K, calls, memory):

@@ -84,8 +84,7 @@ def main(argv=None) -> int:
     state = base.to_bytes()
     print(f"regime: {cm.plan_regime(base)}; remembered failures looked up: {cm.next_plan(base)['remember']}")
     for B in args.batches:
-        rows = cm.embeddings(min(B, 65536), args.dim, seed=1)
-        X = cupy.asarray(np.concatenate([rows] * max(1, B // rows.shape[0]))[:B])
+        X = cm.device_batch(cupy, B, args.dim)
         out = (cupy.empty(B, cupy.int64), cupy.empty(B, cupy.int32))
         total = []
         for c in range(args.calls + 2):  # the first two compile the kernels and CuPy's
