@@ -54,10 +54,7 @@ py::array_t<std::uint64_t> feature_keys_py(FloatArray X) {
     std::uint64_t* kp = keys.mutable_data();
     const float* xp = X.data();
     for (py::ssize_t r = 0; r < B; ++r) {
-        FeatureView f;
-        f.dense = xp + r * n;
-        f.nnz = n;
-        kp[r] = feature_key(f, n);
+        kp[r] = feature_key(FeatureView::dense_row(xp + r * n, n), n);
     }
     return keys;
 }
@@ -136,11 +133,8 @@ public:
                 idx.resize(cfg.max_features);
                 val.resize(cfg.max_features);
             }
-            FeatureView f;
-            f.nnz = hash_text(text, static_cast<std::size_t>(len), cfg.hash_bits, cfg.max_features, idx.data(), val.data());
-            f.idx = idx.data();
-            f.val = val.data();
-            d = route(f, c);
+            const int nnz = hash_text(text, static_cast<std::size_t>(len), cfg.hash_bits, cfg.max_features, idx.data(), val.data());
+            d = route(FeatureView::sparse(idx.data(), val.data(), nnz), c);
         } else {
             py::object keep;
             const float* p = fast_dense(x);
@@ -150,10 +144,7 @@ public:
                 if (p == nullptr) throw std::runtime_error("feature check returned an unusable array");
             }
             py::gil_scoped_release nogil;
-            FeatureView f;
-            f.dense = p;
-            f.nnz = cfg.dim;
-            d = route(f, c);
+            d = route(FeatureView::dense_row(p, cfg.dim), c);
         }
         return make_decision(d);
     }
@@ -271,16 +262,9 @@ public:
             std::vector<float> val;
             if (cfg.dim == 0) hash_rows(texts, cfg, threads, indptr, idx, val);
             auto row = [&](std::int64_t r) {
-                FeatureView f;
-                if (cfg.dim) {
-                    f.dense = xp + r * cfg.dim;
-                    f.nnz = cfg.dim;
-                } else {
-                    f.idx = idx.data() + indptr[r];
-                    f.val = val.data() + indptr[r];
-                    f.nnz = static_cast<int>(indptr[r + 1] - indptr[r]);
-                }
-                return f;
+                if (cfg.dim) return FeatureView::dense_row(xp + r * cfg.dim, cfg.dim);
+                return FeatureView::sparse(idx.data() + indptr[r], val.data() + indptr[r],
+                                           static_cast<int>(indptr[r + 1] - indptr[r]));
             };
             std::lock_guard<std::mutex> lock(mutex());
             const BatchStart st = batch_begin_locked(B, threads);
@@ -436,12 +420,7 @@ public:
         const std::int64_t n_inner = std::max<std::int64_t>(0, B - cfg.window);
         {
             py::gil_scoped_release nogil;
-            auto row = [&](std::int64_t r) {
-                FeatureView f;
-                f.dense = tp + (r - n_inner) * cfg.dim;
-                f.nnz = cfg.dim;
-                return f;
-            };
+            auto row = [&](std::int64_t r) { return FeatureView::dense_row(tp + (r - n_inner) * cfg.dim, cfg.dim); };
             batch_commit_locked(B, mp, ep, row, g, 0, nullptr, false, inner);
         }
         held_ = false;

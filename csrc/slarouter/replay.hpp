@@ -63,16 +63,10 @@ inline ReplayResult replay(Router& router, const ReplayStream& in, std::int64_t 
     };
     auto features = [&](std::int64_t t) {
         const std::int64_t r = in.row[t];
-        FeatureView f;
-        if (dim > 0) {
-            f.dense = in.dense + r * dim;
-            f.nnz = dim;
-        } else if (in.indptr != nullptr) {
-            f.idx = in.indices + in.indptr[r];
-            f.val = in.values + in.indptr[r];
-            f.nnz = static_cast<int>(in.indptr[r + 1] - in.indptr[r]);
-        }
-        return f;
+        if (dim > 0) return FeatureView::dense_row(in.dense + r * dim, dim);
+        if (in.indptr == nullptr) return FeatureView{};
+        return FeatureView::sparse(in.indices + in.indptr[r], in.values + in.indptr[r],
+                                   static_cast<int>(in.indptr[r + 1] - in.indptr[r]));
     };
     auto cost_of = [&](std::int64_t t) -> const double* {
         return in.pass_cost ? in.cost + static_cast<std::int64_t>(in.row[t]) * K : nullptr;

@@ -142,6 +142,20 @@ struct FeatureView {
     const std::int32_t* idx = nullptr;
     const float* val = nullptr;
     int nnz = 0;
+
+    static FeatureView dense_row(const float* row, int dim) {
+        FeatureView f;
+        f.dense = row;
+        f.nnz = dim;
+        return f;
+    }
+    static FeatureView sparse(const std::int32_t* idx, const float* val, int nnz) {
+        FeatureView f;
+        f.idx = idx;
+        f.val = val;
+        f.nnz = nnz;
+        return f;
+    }
 };
 
 // The key of a request's first n features in the failure memory (docs/algorithm.md, "Remembered
@@ -771,16 +785,8 @@ private:
 
     FeatureView slot_view(std::size_t s) const {
         const std::size_t width = static_cast<std::size_t>(cfg_.slot_width());
-        FeatureView f;
-        if (cfg_.hashed()) {
-            f.idx = slot_idx_.data() + s * width;
-            f.val = slot_val_.data() + s * width;
-            f.nnz = slot_nnz_[s];
-        } else {
-            f.dense = slot_val_.data() + s * width;
-            f.nnz = cfg_.dim;
-        }
-        return f;
+        if (cfg_.hashed()) return FeatureView::sparse(slot_idx_.data() + s * width, slot_val_.data() + s * width, slot_nnz_[s]);
+        return FeatureView::dense_row(slot_val_.data() + s * width, cfg_.dim);
     }
 
     // w_k . phi(x), accumulated in double in feature order.
@@ -1664,12 +1670,8 @@ public:
     // remembered() for the rows of a batch decided by a Python-side kernel (dense features).
     // Returns how many rows it changed.
     std::int64_t remembered_rows(const Plan& p, const float* X, std::int64_t B, std::int32_t* models) const {
-        return remembered_each(p, B, models, [&](std::int64_t r) {
-            FeatureView f;
-            f.dense = X + r * cfg_.dim;
-            f.nnz = cfg_.dim;
-            return failures_of(f);
-        });
+        return remembered_each(p, B, models,
+                               [&](std::int64_t r) { return failures_of(FeatureView::dense_row(X + r * cfg_.dim, cfg_.dim)); });
     }
 
     // remembered_rows() for rows given by their keys (feature_key of their dense features).
