@@ -341,7 +341,8 @@ public:
             mutex().lock();
         }
         try {
-            held_ = true;
+            holder_ = std::this_thread::get_id();
+            held_rows_ = B;
             const BatchStart st = batch_begin_locked(B);
             const Plan& p = st.plan;
             held_plan_ = p;
@@ -377,8 +378,7 @@ public:
             }
             return d;
         } catch (...) {
-            held_ = false;
-            mutex().unlock();
+            release();
             throw;
         }
     }
@@ -388,28 +388,53 @@ public:
     // silent-step gradients (models x dim) of the rows that close within the batch, or None.
     void batch_commit_py(Int32Array models, py::array_t<std::uint8_t, py::array::c_style> explored, FloatArray tail,
                          py::handle grad) {
-        if (!held_) throw std::runtime_error("batch_commit without batch_begin");
+        if (!holds()) throw std::runtime_error("batch_commit without batch_begin");
         const Config& cfg = config();
-        const std::int64_t B = models.shape(0);
+        auto fail = [&](const std::string& msg) { release_and_throw("batch_commit: " + msg); };
+        const std::int64_t B = held_rows_;
         const std::int64_t n_inner = std::max<std::int64_t>(0, B - cfg.window);
+        if (models.ndim() != 1 || models.shape(0) != B) fail("models must hold the batch's rows, one each");
+        if (explored.ndim() != 1 || explored.shape(0) != B) fail("explored must hold the batch's rows, one each");
+        if (tail.ndim() != 2 || tail.shape(0) != B - n_inner || tail.shape(1) != cfg.dim)
+            fail("tail must have shape (min(B, window), dim)");
+        const std::int32_t* mp = models.data();
+        if (!models_in_range(mp, B)) fail("model index out of range");
         DoubleArray ga;
         const double* g = nullptr;
-        if (!grad.is_none()) {
-            ga = py::reinterpret_borrow<DoubleArray>(grad);
-            g = ga.data();
-        } else if (n_inner > 0 && cfg.lr > 0.0) {
-            release_and_throw("grad is required when rows close within the batch");
-        }
-        const std::int32_t* mp = models.data();
-        if (!models_in_range(mp, B)) release_and_throw("model index out of range in batch_commit");
+        const std::string bad = commit_grad(grad, n_inner, ga, &g);
+        if (!bad.empty()) fail(bad);
         commit_held(B, mp, explored.data(), tail.data(), g);
+    }
+
+    // The summed silent-step gradients handed to a commit: None, or a C-contiguous float64
+    // (models, dim) array, required when rows close within the batch and the predictors learn.
+    // Returns what is wrong with it (empty when usable: *g its data, kept alive by keep).
+    std::string commit_grad(py::handle grad, std::int64_t n_inner, DoubleArray& keep, const double** g) const {
+        const Config& cfg = config();
+        *g = nullptr;
+        if (grad.is_none()) return n_inner > 0 && cfg.lr > 0.0 ? "grad is required when rows close within the batch" : "";
+        if (!py::isinstance<DoubleArray>(grad)) return "grad must be a C-contiguous float64 array";
+        keep = py::reinterpret_borrow<DoubleArray>(grad);
+        if (keep.ndim() != 2 || keep.shape(0) != cfg.n_models || keep.shape(1) != cfg.dim)
+            return "grad must have shape (models, dim)";
+        *g = keep.data();
+        return "";
     }
 
     // Bad input to a commit: releases the lock the batch holds and throws invalid_argument(msg).
     [[noreturn]] void release_and_throw(const std::string& msg) {
-        held_ = false;
-        mutex().unlock();
+        release();
         throw std::invalid_argument(msg);
+    }
+
+    // Whether this thread holds a batch (between batch_begin and its commit or abort).
+    bool holds() const { return holder_ == std::this_thread::get_id(); }
+
+    // Ends the held batch and releases the router's lock.
+    void release() {
+        holder_ = std::thread::id();
+        held_rows_ = 0;
+        mutex().unlock();
     }
 
     // Records the held batch of B rows (batch_commit_locked; the rows that stay pending have
@@ -423,8 +448,7 @@ public:
             auto row = [&](std::int64_t r) { return FeatureView::dense_row(tp + (r - n_inner) * cfg.dim, cfg.dim); };
             batch_commit_locked(B, mp, ep, row, g, 0, nullptr, false, inner);
         }
-        held_ = false;
-        mutex().unlock();
+        release();
     }
 
     // Phase 3 for the GPU backend, which counts the rows that close within the batch on the
@@ -433,7 +457,7 @@ public:
     void batch_commit_counts_py(py::array_t<std::int64_t, py::array::c_style> served, std::int64_t explored_inner,
                                 Int32Array models, py::array_t<std::uint8_t, py::array::c_style> explored,
                                 FloatArray tail, py::handle grad) {
-        if (!held_) throw std::runtime_error("batch_commit_counts without batch_begin");
+        if (!holds()) throw std::runtime_error("batch_commit_counts without batch_begin");
         const Config& cfg = config();
         auto fail = [&](const std::string& msg) { release_and_throw("batch_commit_counts: " + msg); };
         if (served.ndim() != 1 || served.shape(0) != cfg.n_models) fail("served must have one count per model");
@@ -445,21 +469,16 @@ public:
         }
         const std::int64_t T = models.shape(0);
         if (models.ndim() != 1 || explored.ndim() != 1 || explored.shape(0) != T) fail("models and explored must be 1-D of one length");
-        if (T > cfg.window || (n_inner > 0 && T != cfg.window))
-            fail("models must hold the batch's last min(B, window) rows");
+        if (n_inner + T != held_rows_ || T != std::min<std::int64_t>(held_rows_, cfg.window))
+            fail("served and models must account for the batch's rows: models its last min(B, window)");
         if (explored_inner < 0 || explored_inner > n_inner) fail("explored_inner must lie in [0, closed rows]");
         if (tail.ndim() != 2 || tail.shape(0) != T || tail.shape(1) != cfg.dim) fail("tail must have shape (rows, dim)");
         const std::int32_t* mp = models.data();
         if (!models_in_range(mp, T)) fail("model index out of range");
         DoubleArray ga;
         const double* g = nullptr;
-        if (!grad.is_none()) {
-            ga = py::reinterpret_borrow<DoubleArray>(grad);
-            if (ga.ndim() != 2 || ga.shape(0) != cfg.n_models || ga.shape(1) != cfg.dim) fail("grad must have shape (models, dim)");
-            g = ga.data();
-        } else if (n_inner > 0 && cfg.lr > 0.0) {
-            fail("grad is required when rows close within the batch");
-        }
+        const std::string bad = commit_grad(grad, n_inner, ga, &g);
+        if (!bad.empty()) fail(bad);
         InnerCounts inner;
         inner.served = sp;
         inner.explored = explored_inner;
@@ -469,7 +488,7 @@ public:
     // For the GPU backend's memory kernel, while the batch is held: the failure memory's keys,
     // its failure bits (entries x words) and remembered()'s scores per model, copied.
     py::tuple batch_memory_py() {
-        if (!held_) throw std::runtime_error("batch_memory without batch_begin");
+        if (!holds()) throw std::runtime_error("batch_memory without batch_begin");
         std::vector<std::uint64_t> keys, masks;
         std::vector<double> scores;
         memory_snapshot(&keys, &masks, &scores);
@@ -485,8 +504,8 @@ public:
     // the models the kernel chose, in place; X holds the batch's dense features on the host.
     // Returns how many models it changed.
     std::int64_t batch_remember_py(FloatArray X, Int32Array models) {
-        if (!held_) throw std::runtime_error("batch_remember without batch_begin");
-        const std::int64_t B = models.shape(0);
+        if (!holds()) throw std::runtime_error("batch_remember without batch_begin");
+        const std::int64_t B = held_rows_;
         if (X.ndim() != 2 || X.shape(0) != B || X.shape(1) != config().dim)
             throw std::invalid_argument("batch_remember: X must have shape (B, dim)");
         std::int32_t* mp = checked_models(models, "batch_remember");
@@ -497,8 +516,8 @@ public:
     // batch_remember with the rows' keys (feature_key of each row's dense features) in place of
     // their features: the GPU backend computes them on the device.
     std::int64_t batch_remember_keys_py(py::array_t<std::uint64_t, py::array::c_style> keys, Int32Array models) {
-        if (!held_) throw std::runtime_error("batch_remember_keys without batch_begin");
-        const std::int64_t B = models.shape(0);
+        if (!holds()) throw std::runtime_error("batch_remember_keys without batch_begin");
+        const std::int64_t B = held_rows_;
         if (keys.ndim() != 1 || keys.shape(0) != B)
             throw std::invalid_argument("batch_remember_keys: keys must have shape (B,)");
         std::int32_t* mp = checked_models(models, "batch_remember_keys");
@@ -507,7 +526,8 @@ public:
     }
 
     std::int32_t* checked_models(Int32Array& models, const char* what) {
-        if (models.ndim() != 1) throw std::invalid_argument(std::string(what) + ": models must be 1-D");
+        if (models.ndim() != 1 || models.shape(0) != held_rows_)
+            throw std::invalid_argument(std::string(what) + ": models must hold the batch's rows, one each");
         std::int32_t* mp = models.mutable_data();
         if (!models_in_range(mp, models.shape(0)))
             throw std::invalid_argument(std::string("model index out of range in ") + what);
@@ -520,10 +540,10 @@ public:
         return std::all_of(mp, mp + n, [K](std::int32_t k) { return k >= 0 && k < K; });
     }
 
+    // Ends this thread's held batch, if any; a no-op otherwise (after a commit, which releases
+    // the lock even when it throws, or while another thread holds a batch).
     void batch_abort_py() {
-        if (!held_) return;
-        held_ = false;
-        mutex().unlock();
+        if (holds()) release();
     }
 
     const std::vector<py::object>& names() const { return names_; }
@@ -610,7 +630,8 @@ private:
         return FloatArray({cfg.n_models, cfg.dim}, weights_data());
     }
 
-    bool held_ = false;
+    std::thread::id holder_;     // the thread holding a batch; none outside batch_begin .. commit/abort
+    std::int64_t held_rows_ = 0;  // that batch's number of rows
     Plan held_plan_;  // the plan of the batch held between batch_begin and batch_commit
     std::vector<py::object> names_;
     py::object decision_type_, unknown_error_, duplicate_error_, check_features_, check_cost_;

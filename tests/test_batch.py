@@ -536,6 +536,61 @@ def test_an_aborted_numba_batch_releases_the_router(monkeypatch):
     assert router.route(_x(1)[0]).request_id == 9
 
 
+COMMIT_ERRORS = [
+    (lambda K, D: (np.zeros(1, np.int32), np.zeros(2, np.uint8), np.zeros((2, D), np.float32), None),
+     "models must hold the batch's rows"),
+    (lambda K, D: (np.zeros(2, np.int32), np.zeros(3, np.uint8), np.zeros((2, D), np.float32), None),
+     "explored must hold"),
+    (lambda K, D: (np.zeros(2, np.int32), np.zeros(2, np.uint8), np.zeros((1, D), np.float32), None),
+     r"tail must have shape \(min\(B, window\), dim\)"),
+    (lambda K, D: (np.full(2, K, np.int32), np.zeros(2, np.uint8), np.zeros((2, D), np.float32), None),
+     "model index out of range"),
+    (lambda K, D: (np.zeros(2, np.int32), np.zeros(2, np.uint8), np.zeros((2, D), np.float32),
+                   np.zeros((K, D), np.float32)), "C-contiguous float64"),
+    (lambda K, D: (np.zeros(2, np.int32), np.zeros(2, np.uint8), np.zeros((2, D), np.float32),
+                   np.zeros((K, D + 1))), r"grad must have shape \(models, dim\)"),
+]
+
+
+@pytest.mark.parametrize("args, message", COMMIT_ERRORS)
+def test_the_numba_commit_checks_its_input(args, message):
+    """batch_commit, the Numba backend's last phase: bad input raises, releases the router's lock and
+    changes nothing (a two-row batch within a window of four: no row closes, so grad may be None)."""
+    router = _busy(3)
+    aborted = Router.from_bytes(router.to_bytes())
+    aborted._core.batch_begin(2)
+    aborted._core.batch_abort()
+    router._core.batch_begin(2)
+    with pytest.raises(ValueError, match=message):
+        router._core.batch_commit(*args(2, 3))
+    assert router.to_bytes() == aborted.to_bytes()
+    assert router.route(_x(1)[0]).request_id == 7  # the lock is free
+
+
+def test_a_held_batch_belongs_to_its_thread():
+    """Only the thread that began a batch can commit or abort it: another thread's batch_abort is a
+    no-op, and its batch_commit raises, both without touching the held lock."""
+    import threading
+
+    router = _busy(3)
+    router._core.batch_begin(2)
+    seen = []
+
+    def other():
+        router._core.batch_abort()
+        try:
+            router._core.batch_commit(np.zeros(2, np.int32), np.zeros(2, np.uint8), _x(), None)
+        except RuntimeError as e:
+            seen.append(str(e))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == ["batch_commit without batch_begin"]
+    router._core.batch_commit(np.zeros(2, np.int32), np.zeros(2, np.uint8), _x(), None)
+    assert router.route(_x(1)[0]).request_id == 9
+
+
 # ---------------------------------------------------------------------------------------------
 # (f) The GPU backend without CuPy
 # ---------------------------------------------------------------------------------------------

@@ -88,13 +88,15 @@ def test_commit_with_counts_checks_its_input(args, message):
     raises, releases the router's lock and changes nothing."""
     r = Router(MODELS, 0.8, report_rate=0.5, features=D, feedback_window=64)
     r.route_batch(np.ones((100, D), np.float32))
+    a = args(len(MODELS), 64)
+    rows = max(1, int(a[0].sum()) + len(a[2]))  # the batch the counts and rows would make up
     aborted = Router.from_bytes(r.to_bytes())  # batch_begin may refresh the estimates: compare with an abort
-    aborted._core.batch_begin(10)
+    aborted._core.batch_begin(rows)
     aborted._core.batch_abort()
-    r._core.batch_begin(10)
+    r._core.batch_begin(rows)
     grad = np.zeros((len(MODELS), D))
     with pytest.raises(ValueError, match=message):
-        r._core.batch_commit_counts(*args(len(MODELS), 64), grad)
+        r._core.batch_commit_counts(*a, grad)
     assert r.to_bytes() == aborted.to_bytes()  # and the lock is free again
     r.route(np.ones(D, np.float32))
 

@@ -162,10 +162,10 @@ def _route_batch_numba(router: Any, X: np.ndarray, cost: Optional[np.ndarray], o
         if n_inner > 0 and cfg.lr > 0:
             grad = kn._silent_grad(X, models, n_inner, plan["weights"], np.asarray(plan["acc"]), plan["rho"],
                                   plan["rho_false"])
+        core.batch_commit(models, explored, X[max(0, B - cfg.window):], grad)
     except BaseException:
-        core.batch_abort()
+        core.batch_abort()  # a no-op once batch_commit has released the lock, as it does even when it raises
         raise
-    core.batch_commit(models, explored, X[max(0, B - cfg.window):], grad)
     ids[:] = np.arange(plan["first_id"], plan["first_id"] + B, dtype=np.int64)
     return ids, models
 
