@@ -639,6 +639,7 @@ private:
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "slarouter native core (private; use the slarouter package)";
+    m.attr("STATE_FORMAT") = kStateFormat;
 
     py::class_<Config>(m, "Config")
         .def(py::init<>())
@@ -779,7 +780,8 @@ PYBIND11_MODULE(_core, m) {
                  return d;
              })
         .def("save_state", [](const PyRouter& r) { return py::bytes(r.save_state()); })
-        .def("load_state", [](PyRouter& r, py::bytes b) { r.load_state(std::string(b)); })
+        .def("load_state", [](PyRouter& r, py::bytes b, int version) { r.load_state(std::string(b), version); },
+             py::arg("blob"), py::arg("version") = kStateFormat)
         .def("replay",
              [](PyRouter& r, Int32Array row, FloatArray sat, DoubleArray cost, DoubleArray u_sat,
                 DoubleArray u_report, Int32Array delay, double rho, py::object u_audit, double audit_rate,

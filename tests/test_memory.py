@@ -286,8 +286,9 @@ def test_failures_shared_by_several_peers_count_once():
     keys, _ = _failures(sh)
     assert len(keys) > 500
     other = _router(seed=2)
-    other.set_peers([sh] * 7)
-    other.set_peers([sh] * 7)  # a repeated sync changes nothing
+    peers = [dict(sh, instance=f"replica {i}") for i in range(7)]  # seven replicas that saw the same failures
+    other.set_peers(peers)
+    other.set_peers(peers)  # a repeated sync changes nothing
     distinct = len(set(keys.tolist()))
     assert distinct - 2 <= other.stats()["failures_remembered"] <= distinct  # but for a rare collision
 
@@ -309,7 +310,7 @@ def test_bad_shared_failures_change_nothing(failures, message):
     r = _router(seed=2)
     _world(r, 500, 2)
     before = r.to_bytes()
-    sh = dict(peer.share(), failures=failures)
+    sh = dict(peer.share(), failures=failures, instance="another replica")
     with pytest.raises(ValueError, match=message):
         r.set_peers([peer.share(), sh])
     assert r.to_bytes() == before

@@ -170,3 +170,60 @@ def test_estimated_report_rate_state_round_trips_and_is_checked():
         with pytest.raises(ValueError, match="state is corrupt: .*" + message):
             a._core.load_state(bytes(bad))
         assert a._core.save_state() == before
+
+
+def test_save_keeps_permissions_and_follows_links(tmp_path):
+    """A new file gets the umask's permissions (not a temporary file's 0o600), a replaced file
+    keeps its own, a symbolic link keeps pointing at the file it names, and a missing folder is
+    named in the error."""
+    a = Router(MODELS, 0.7)
+    old = os.umask(0o022)
+    try:
+        a.save(tmp_path / "new.slr")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.slr").stat().st_mode & 0o777 == 0o644
+    os.chmod(tmp_path / "new.slr", 0o640)
+    a.route("x")
+    a.save(tmp_path / "new.slr")
+    assert (tmp_path / "new.slr").stat().st_mode & 0o777 == 0o640
+    (tmp_path / "link.slr").symlink_to(tmp_path / "new.slr")
+    a.route("y")
+    a.save(tmp_path / "link.slr")
+    assert (tmp_path / "link.slr").is_symlink() and Router.load(tmp_path / "new.slr").stats()["requests"] == 2
+    with pytest.raises(FileNotFoundError, match="the directory .*missing does not exist"):
+        a.save(tmp_path / "missing" / "r.slr")
+    assert sorted(os.listdir(tmp_path)) == ["link.slr", "new.slr"]
+
+
+STATES = os.path.join(os.path.dirname(__file__), "data", "states")
+
+
+@pytest.mark.parametrize("name", ["state_v2", "state_v3", "state_v4", "state_v5a", "state_v5b"])
+def test_files_written_by_earlier_versions_still_load(tmp_path, name):
+    """Files written by the builds that introduced each earlier format (the commit is in the
+    .json beside each; v5a is format 5 before the recent-failures ring, v5b with it): a dense
+    router, its report rate learned from audits. They load whole, into a new router or into one
+    of the same configuration, keep routing, and are saved again in today's format."""
+    import json
+    import struct
+
+    from slarouter import _router
+
+    with open(os.path.join(STATES, name + ".slr.json")) as fh:
+        meta = json.load(fh)
+    path = os.path.join(STATES, name + ".slr")
+    with open(path, "rb") as fh:
+        assert struct.unpack_from("<8sI", fh.read(12)) == (b"SLAROUTR", meta["format"])
+    loaded = Router.load(path)
+    kw = dict(meta["kwargs"])
+    same = Router(kw.pop("models"), kw.pop("sla"), **kw)
+    same.load_state(path)
+    for r in (loaded, same):
+        s = r.stats()
+        assert (s["requests"], s["complaints"], s["audits"]) == (meta["requests"], meta["complaints"], meta["audits"])
+    assert drive(loaded, 200, start=300, dense=True) == drive(same, 200, start=300, dense=True)
+    loaded.save(tmp_path / "now.slr")
+    with open(tmp_path / "now.slr", "rb") as fh:
+        assert struct.unpack_from("<8sI", fh.read(12))[1] == _router._FORMAT_VERSION
+    assert Router.load(tmp_path / "now.slr").to_bytes() == loaded.to_bytes()

@@ -177,6 +177,14 @@ def _bad_shares(sh):
         ("finite", [dict(sh, audited_unsatisfied=float("inf"))]),
         ("complained than audited", [dict(sh, audited_unsatisfied=1.0, audited_unsatisfied_complained=2.0)]),
         ("audited-unsatisfied requests .* than audits", [dict(sh, audited_unsatisfied=sum(sh["audits"]) + 5.0)]),
+        ("audited-unsatisfied requests .* than audits", [dict(sh, audited_unsatisfied=sum(sh["audits"]) + 5e-7)]),
+        ("requests'.* must be finite, got an integer of 401 digits", [dict(sh, requests=10 ** 400)]),
+        ("models 'smallmidlarge'", [dict(sh, models="".join(m for m, _ in MODELS))]),
+        ("models", [dict(sh, models={m: c for m, c in MODELS})]),
+        ("features 8; this one has 'text'", [dict(sh, features=8)]),
+        ("hash_bits 12", [dict(sh, hash_bits=12)]),
+        ("instance'.* must be the string", [dict(sh, instance=[1])]),
+        (r"shares\[1\] and shares\[0\] come from the same router", [sh, dict(sh)]),
     ]
 
 
@@ -195,6 +203,32 @@ def test_bad_shares_are_refused_and_change_nothing():
     with pytest.raises(TypeError, match="iterable of share"):
         r.set_peers(sh)  # one dict, not a list of them
     assert r.to_bytes() == before
+    with pytest.raises(ValueError, match="this router's own share"):
+        r.set_peers([sh, r.share()])
+    assert r.to_bytes() == before
+    # A share from before the features, hash_bits and instance fields is taken as it is.
+    r.set_peers([{k: v for k, v in sh.items() if k not in ("features", "hash_bits", "instance")}])
+    assert r.to_bytes() == before
+
+
+def test_a_dense_routers_share_does_not_enter_a_text_routers_memory():
+    """The failure memory's keys are computed from the features, so a share from a router that
+    sees requests differently is refused before its failures join the memory."""
+    r = _router(seed=2)
+    _drive(r, 300)
+    dense = Router(MODELS, 0.8, report_rate=0.3, features=4)
+    for i in range(300):
+        d = dense.route(np.full(4, i % 50, np.float32))
+        if d.index == 0:
+            dense.complain(d.request_id)
+    assert dense.share()["failures"]
+    before = r.to_bytes()
+    with pytest.raises(ValueError, match="features 4; this one has 'text'"):
+        r.set_peers([dense.share()])
+    assert r.to_bytes() == before
+    twin = Router(MODELS, 0.8, report_rate=0.3, features=4, hash_bits=10)  # hash_bits: text only
+    twin.set_peers([dense.share()])
+    assert twin.stats()["failures_remembered"] > 0
 
 
 def test_replicas_that_estimate_the_report_rate_share_too():
@@ -299,25 +333,27 @@ def test_peers_survive_save_and_load(tmp_path):
 
 def _memory_record(router):
     # Bytes of the failure memory at the end of the payload (format version 5): two vectors,
-    # empty or of 65,536 entries (a key and, with three models, one word of failure bits each),
-    # then the ring of the router's own recent failures: a count and two vectors, empty or of
-    # 1,024 keys (8 bytes) and models (4 bytes).
+    # empty or of 65,536 entries (a key and, with three models, one word of failure bits each);
+    # and of the ring of the router's own recent failures after it (version 6; version-5 files
+    # have it or not): a count and two vectors, empty or of 1,024 keys (8 bytes) and models (4).
     memory = 2 * 8 * 65536 if router.stats()["failures_remembered"] else 0
     ring = 1024 * (8 + 4) if router.share()["failures"] else 0
-    return 16 + memory + 8 + 16 + ring
+    return 16 + memory, 8 + 16 + ring
 
 
 def _older_version(data, version, strip):
     # The same router in an older format: its payload less the last ``strip`` bytes.
     head = struct.Struct("<8sII")
     magic, current, clen = head.unpack_from(data, 0)
-    assert current == 5
-    payload = data[head.size + clen: len(data) - 12][:-strip]
+    assert current == 6
+    payload = data[head.size + clen: len(data) - 12][:-strip] if strip else data[head.size + clen: len(data) - 12]
     old = head.pack(magic, version, clen) + data[head.size: head.size + clen] + payload
     return old + struct.pack("<QI", len(payload), zlib.crc32(old) & 0xFFFFFFFF)
 
 
 @pytest.mark.parametrize("version, strip", [
+    (5, None),                       # with the ring (written before version 6 was named)
+    (5, 0),                          # without the ring
     (4, 0),                          # without the failure memory
     (3, 4 * 8),                      # ... and the peers' report-rate evidence (four doubles)
     (2, 4 * 8 + 3 * 8 + 6 * 8),      # ... and the peers' record (three doubles, six empty vectors)
@@ -326,10 +362,43 @@ def test_older_state_files_still_load(version, strip):
     # Every prompt is new, so the memory, which an older file lacks, never changes a decision.
     r = _router(seed=4)
     _drive(r, 300)
-    old = _older_version(r.to_bytes(), version, _memory_record(r) + strip)
+    memory, ring = _memory_record(r)
+    cut = 0 if strip is None else ring + (memory if version < 5 else 0) + strip
+    old = _older_version(r.to_bytes(), version, cut)
     loaded = Router.from_bytes(old)
-    assert loaded.stats()["failures_remembered"] == 0 < r.stats()["failures_remembered"]
+    remembered = r.stats()["failures_remembered"]
+    assert loaded.stats()["failures_remembered"] == (remembered if version == 5 else 0) and remembered > 0
+    assert (loaded.share()["failures"] == r.share()["failures"]) == (strip is None) and r.share()["failures"]
     assert _drive(loaded, 200, start=300) == _drive(r, 200, start=300)
+    # A file's version says which records it has: the same bytes under a later version are refused.
+    if strip is not None:
+        with pytest.raises(slarouter.StateFileError, match="truncated"):
+            Router.from_bytes(_older_version(r.to_bytes(), 6, cut))
+
+
+def test_load_state_takes_an_older_file_of_the_same_configuration(tmp_path):
+    """A version-4 file's configuration has no "memory" tuning key (the memory came with version
+    5): load_state into a router of that configuration, which has the key at its default, works,
+    and a real difference is named down to the key."""
+    r = _router(seed=4)
+    _drive(r, 300)
+    memory, ring = _memory_record(r)
+    old = _older_version(r.to_bytes(), 4, memory + ring)
+    head = struct.Struct("<8sII")
+    magic, version, clen = head.unpack_from(old, 0)
+    config = json.loads(old[head.size: head.size + clen])
+    del config["tuning"]["memory"]
+    payload = old[head.size + clen: len(old) - 12]
+    cfg = json.dumps(config).encode()
+    body = head.pack(magic, version, len(cfg)) + cfg + payload
+    (tmp_path / "v4.slr").write_bytes(body + struct.pack("<QI", len(payload), zlib.crc32(body) & 0xFFFFFFFF))
+    same = _router(seed=4)
+    same.load_state(tmp_path / "v4.slr")
+    assert same.stats()["requests"] == 300
+    assert _drive(same, 200, start=300) == _drive(r, 200, start=300)
+    other = Router(MODELS, 0.8, report_rate=0.3, seed=4, tuning={"tilt": 2.0})
+    with pytest.raises(slarouter.StateFileError, match=r"another configuration \(tuning.tilt: 1.0 in the file, 2.0 here\)"):
+        other.load_state(tmp_path / "v4.slr")
 
 
 def test_a_corrupt_peers_record_is_refused():
@@ -343,7 +412,7 @@ def test_a_corrupt_peers_record_is_refused():
     end = len(data) - 12
     # The peers' record: three doubles, six per-model vectors of 3 doubles (8 + 24 bytes each),
     # four doubles; make the request count negative (its first double).
-    start = end - _memory_record(r) - (3 * 8 + 6 * (8 + 24) + 4 * 8)
+    start = end - sum(_memory_record(r)) - (3 * 8 + 6 * (8 + 24) + 4 * 8)
     data[start:start + 8] = struct.pack("<d", -5.0)
     body = bytes(data[:end])
     fixed = body[: len(body)] + struct.pack("<QI", len(body) - head.size - clen, zlib.crc32(body) & 0xFFFFFFFF)

@@ -118,6 +118,23 @@ def test_two_processes_under_one_name_are_caught(store_factory):
     assert json.loads(first.store.items()["r1"])["share"]["requests"] == 10
 
 
+def test_a_corrupted_own_entry_is_rewritten_not_taken_for_another_process(tmp_path):
+    """An entry emptied or garbled in the store (a disk error, a tool) is not another process's:
+    its replica publishes over it, and the other replicas can read the store again."""
+    a, b = _router(1), _router(2)
+    _drive(a, 50)
+    store = DirectoryStore(tmp_path)
+    sa, sb = PeerSync(a, store, "a"), PeerSync(b, store, "b")
+    sa.sync()
+    sb.sync()
+    for garbage in (b"", b"{not json", b'{"replica": "a"}'):
+        (tmp_path / "a.json").write_bytes(garbage)
+        with pytest.raises(ValueError, match="entry of replica 'a'.*not a PeerSync entry"):
+            sb.sync()
+        assert sa.sync() == 1
+        assert sb.sync() == 1 and b.stats()["whole_stream"]["requests"] == 50
+
+
 def test_a_restarted_replica_keeps_its_name_and_its_evidence(tmp_path):
     a, b = _router(1), _router(2)
     _drive(a, 300)

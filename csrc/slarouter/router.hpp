@@ -116,6 +116,8 @@ struct Dual {
 constexpr int kMaxModels = 256;
 // Remembered failures a router passes to its replicas with share() (the most recent ones).
 constexpr std::int64_t kRecentFailures = 1024;
+// The state-file format save_state() writes (the Python layer's _FORMAT_VERSION).
+constexpr int kStateFormat = 6;
 
 // The rows of a batch that close within it, counted by the caller (Router::batch_commit_locked):
 // how many each model served (n_models entries) and how many were explorations.
@@ -561,15 +563,19 @@ public:
         // Their report-rate evidence (format version 4; a version-3 state ends before it).
         for (double v : {pr.rho_n, pr.rho_c, pr.rho_s, pr.rho_s2}) put(&v, sizeof v);
         // The failure memory (format version 5; empty until the first failure is remembered)
-        // and the ring of this router's recent failures.
+        // and the ring of this router's recent failures (format version 6).
         put_vec(mem_key_); put_vec(mem_mask_);
         put(&recent_n_, sizeof recent_n_);
         put_vec(recent_key_); put_vec(recent_model_);
         return out;
     }
 
-    // Replaces the state; throws std::invalid_argument (state unchanged) on a malformed blob.
-    void load_state(const std::string& blob) {
+    // Replaces the state with a blob of state-file format `version` (kStateFormat or an earlier
+    // one: 2 has no peers, 3 no peers' report-rate evidence, 4 no failure memory, 5 the memory
+    // with or without the recent-failures ring, which 6 always has); throws
+    // std::invalid_argument (state unchanged) on a malformed blob.
+    void load_state(const std::string& blob, int version = kStateFormat) {
+        if (version < 2 || version > kStateFormat) throw std::invalid_argument("unknown state format version");
         Router tmp(cfg_);
         std::size_t pos = 0;
         auto get = [&](void* p, std::size_t n) {
@@ -616,24 +622,24 @@ public:
         };
         get_est(e.acc, true); get_est(e.sd, true); get_est(e.lcb, true); get_est(e.ucb, true);
         get_est(e.cnorm, true); get_est(e.cmean, true); get_est(e.exposure, true); get_est(e.hull, false);
-        if (pos != blob.size()) {
+        if (version >= 3) {
             Peers& pr = tmp.peers_;
             for (double* v : {&pr.n, &pr.unsat, &pr.var}) get(v, sizeof *v);
             get_est(pr.exposure[0], true); get_est(pr.exposure[1], true); get_est(pr.exposure[2], true);
             get_est(pr.complaints, true); get_est(pr.audits, true); get_est(pr.audits_sat, true);
-            if (pos != blob.size())
+            if (version >= 4)
                 for (double* v : {&pr.rho_n, &pr.rho_c, &pr.rho_s, &pr.rho_s2}) get(v, sizeof *v);
             check_peers(pr, "state is corrupt: peers");
         }
-        if (pos != blob.size()) {
-            // A vector that is empty or holds exactly `size` entries (else `bad` is the error).
-            auto get_sized = [&](auto& v, std::uint64_t size, const char* bad) {
-                std::uint64_t n = 0;
-                get(&n, sizeof n);
-                if (n != 0 && n != size) throw std::invalid_argument(bad);
-                v.resize(n);
-                if (n) get(v.data(), n * sizeof(v[0]));
-            };
+        // A vector that is empty or holds exactly `size` entries (else `bad` is the error).
+        auto get_sized = [&](auto& v, std::uint64_t size, const char* bad) {
+            std::uint64_t n = 0;
+            get(&n, sizeof n);
+            if (n != 0 && n != size) throw std::invalid_argument(bad);
+            v.resize(n);
+            if (n) get(v.data(), n * sizeof(v[0]));
+        };
+        if (version >= 5) {
             // Empty, or the table of this configuration's size.
             const char* other_size = "state does not match this configuration (failure memory)";
             const auto entries = static_cast<std::uint64_t>(cfg_.memory);
@@ -642,6 +648,9 @@ public:
             if (tmp.mem_key_.empty() != tmp.mem_mask_.empty())
                 throw std::invalid_argument("state is corrupt: failure memory");
             for (std::uint64_t key : tmp.mem_key_) tmp.mem_used_ += key != 0;
+        }
+        // Version 5 files written before the ring was added end here; version 6 always has it.
+        if (version >= 6 || (version == 5 && pos != blob.size())) {
             get(&tmp.recent_n_, sizeof tmp.recent_n_);
             const char* bad_ring = "state is corrupt: recent failures";
             get_sized(tmp.recent_key_, static_cast<std::uint64_t>(kRecentFailures), bad_ring);

@@ -8,8 +8,8 @@ import json
 import math
 import numbers
 import os
+import secrets
 import struct
-import tempfile
 import zlib
 from statistics import NormalDist
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -22,11 +22,13 @@ from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
 __all__ = ["Model", "Decision", "Router"]
 
 _MAGIC = b"SLAROUTR"
-_FORMAT_VERSION = 5  # 3: the peers' evidence (set_peers) follows the state; 4: with their report-rate evidence;
-# 5: the failure memory follows
+_FORMAT_VERSION = 6  # 3: the peers' evidence (set_peers) follows the state; 4: with their report-rate evidence;
+# 5: the failure memory follows; 6: then the ring of recent failures (share()'s "failures")
 # A version-2 file is a state without peers, a version-3 one without their report-rate evidence,
-# a version-4 one without the failure memory.
-_READABLE_VERSIONS = (2, 3, 4, 5)
+# a version-4 one without the failure memory, a version-5 one with or without the ring (it was
+# added without a new version number; the core reads both).
+_READABLE_VERSIONS = (2, 3, 4, 5, 6)
+assert _core.STATE_FORMAT == _FORMAT_VERSION
 _SHARE_KEYS = ("requests", "unsatisfied", "variance", "exposure", "complaints", "audits", "audits_satisfied",
                "audited_unsatisfied", "audited_unsatisfied_complained", "rho_sensitivity")
 _HEADER = struct.Struct("<8sII")  # magic, format version, config length
@@ -56,10 +58,32 @@ def write_atomically(path: str, data: bytes, *, prefix: str, durable: bool,
                      replace: Callable[[str, str], None] = os.replace) -> None:
     """Write ``data`` to a temporary file beside ``path`` (flushed to disk first when
     ``durable``), then move it over ``path`` with ``replace``: a reader sees the old file or the
-    new one, never a part. The temporary file is removed if anything fails."""
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    new one, never a part. The temporary file is removed if anything fails. A file replaced keeps
+    its permissions (and a symbolic link's target is replaced, not the link); a new file gets
+    those ``open()`` would give it (0o666 less the umask). When
+    ``durable``, the directory is flushed after the rename too, so the new file survives a crash."""
+    path = os.path.realpath(path)  # a symbolic link stays one: its target is replaced
+    folder = os.path.dirname(path)
+    try:
+        mode = os.stat(path).st_mode & 0o7777  # replacing a file keeps its permissions
+    except FileNotFoundError:
+        mode = None
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            # 0o666 less the umask, as open() would create the file (mkstemp makes it 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist") from None
+    else:
+        raise FileExistsError(f"cannot write {path}: no free temporary name in {folder}")
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             if durable:
                 fh.flush()
@@ -71,6 +95,12 @@ def write_atomically(path: str, data: bytes, *, prefix: str, durable: bool,
         except OSError:
             pass
         raise
+    if durable and hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def _encode_failures(keys: np.ndarray, models: np.ndarray) -> str:
@@ -101,6 +131,15 @@ def _decode_failures(text: Any, what: str, K: int) -> Tuple[np.ndarray, np.ndarr
     return keys, models
 
 
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    """The first place two configuration records differ, as 'key: a in the file, b here'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+    return f"{where}: {a!r} in the file, {b!r} here"
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
@@ -108,7 +147,10 @@ def _is_int(x: Any) -> bool:
 def _finite_number(value: Any, what: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise ValueError(f"{what} must be finite, got an integer of {len(str(abs(int(value))))} digits") from None
     if not math.isfinite(v):
         raise ValueError(f"{what} must be finite, got {v}")
     return v
@@ -338,6 +380,7 @@ class Router:
         for key, value in tun.items():
             setattr(cfg, key, value)
         self._cfg = cfg
+        self._instance = secrets.token_hex(8)  # tells this router's share from others' (not saved)
         self._bind(_core.Router(cfg, list(names), Decision, UnknownRequestError, DuplicateFeedbackError,
                                 _feature_checker(dim), _cost_checker(self._names)))
 
@@ -512,6 +555,9 @@ class Router:
         d["models"] = list(self._names)
         d["sla"] = self._config["sla"]
         d["report_rate"] = self._config["report_rate"]
+        d["features"] = self._config["features"]
+        d["hash_bits"] = self._config["hash_bits"]
+        d["instance"] = self._instance
         return d
 
     def set_peers(self, shares: Iterable[Mapping[str, Any]]) -> None:
@@ -541,6 +587,7 @@ class Router:
         fail_keys: List[np.ndarray] = []
         fail_models: List[np.ndarray] = []
         n_shares = 0
+        instances: Dict[Any, int] = {}
         for i, sh in enumerate(shares):
             where = f"shares[{i}]"
             if not isinstance(sh, Mapping):
@@ -548,13 +595,30 @@ class Router:
             missing = [k for k in _SHARE_KEYS + ("models", "sla", "report_rate") if k not in sh]
             if missing:
                 raise ValueError(f"{where} lacks {missing}")
-            if list(sh["models"]) != list(self._names):
-                raise ValueError(f"{where} comes from a router with models {list(sh['models'])}; "
+            if not isinstance(sh["models"], (list, tuple)) or list(sh["models"]) != list(self._names):
+                raise ValueError(f"{where} comes from a router with models {sh['models']!r}; "
                                  f"this one has {list(self._names)}")
             if sh["sla"] != self._config["sla"] or sh["report_rate"] != self._config["report_rate"]:
                 raise ValueError(f"{where} comes from a router with sla {sh['sla']} and report_rate "
                                  f"{sh['report_rate']}; this one has {self._config['sla']} and "
                                  f"{self._config['report_rate']}")
+            # The failure memory's keys are computed from the features: a peer must see requests
+            # as this router does (a share from before these fields were added is taken as it is).
+            for key in ("features", "hash_bits") if self._dim == 0 else ("features",):
+                if key in sh and sh[key] != self._config[key]:
+                    raise ValueError(f"{where} comes from a router with {key} {sh[key]!r}; this one has "
+                                     f"{self._config[key]!r}")
+            inst = sh.get("instance")
+            if inst is not None:
+                if not isinstance(inst, str):
+                    raise ValueError(f"{where}['instance'] must be the string share() writes")
+                if inst == self._instance:
+                    raise ValueError(f"{where} is this router's own share (a router's peers are the other "
+                                     "replicas)")
+                if inst in instances:
+                    raise ValueError(f"{where} and shares[{instances[inst]}] come from the same router "
+                                     "(pass each replica's latest share once)")
+                instances[inst] = i
             ev = {}
             for key in scalars:
                 ev[key] = _finite_number(sh[key], f"{where}[{key!r}]")
@@ -581,7 +645,7 @@ class Router:
                             ("audits", float(np.sum(sh["audits"])))):
                 if v > float(sh["requests"]) + tol:
                     raise ValueError(f"{where} counts more {what} ({v}) than requests ({sh['requests']})")
-            if ev["audited_unsatisfied"] > float(np.sum(sh["audits"])) + tol:
+            if ev["audited_unsatisfied"] > float(np.sum(sh["audits"])) * (1.0 + 1e-12):  # as the core checks
                 raise ValueError(f"{where} counts more audited-unsatisfied requests ({ev['audited_unsatisfied']}) "
                                  "than audits")
             keys, ks = _decode_failures(sh.get("failures", ""), f"{where}['failures']", K)
@@ -631,7 +695,7 @@ class Router:
         return head + _TRAILER.pack(len(payload), zlib.crc32(head) & 0xFFFFFFFF)
 
     @staticmethod
-    def _parse_bytes(data: bytes, source: str) -> Tuple[Dict[str, Any], bytes]:
+    def _parse_bytes(data: bytes, source: str) -> Tuple[Dict[str, Any], int, bytes]:
         if len(data) < _HEADER.size + _TRAILER.size:
             raise StateFileError(f"{source}: truncated state file ({len(data)} bytes)")
         magic, version, clen = _HEADER.unpack_from(data, 0)
@@ -649,21 +713,29 @@ class Router:
             config = json.loads(data[_HEADER.size : _HEADER.size + clen].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StateFileError(f"{source}: corrupt configuration record: {exc}") from None
-        return config, data[_HEADER.size + clen : len(data) - _TRAILER.size]
+        if not isinstance(config, dict):
+            raise StateFileError(f"{source}: corrupt configuration record (not a JSON object)")
+        return config, version, data[_HEADER.size + clen : len(data) - _TRAILER.size]
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "state") -> "Router":
-        config, payload = cls._parse_bytes(data, source)
-        try:
-            router = cls(**config)
-        except (TypeError, ValueError) as exc:
-            raise StateFileError(f"{source}: invalid configuration record: {exc}") from None
-        router._load_payload(payload, source)
+        config, version, payload = cls._parse_bytes(data, source)
+        router = cls._from_config(config, source)
+        router._load_payload(payload, version, source)
         return router
 
-    def _load_payload(self, payload: bytes, source: str) -> None:
+    @classmethod
+    def _from_config(cls, config: Dict[str, Any], source: str) -> "Router":
+        """A fresh router from a state file's configuration record (missing tuning keys, from a
+        file older than them, take today's defaults)."""
         try:
-            self._core.load_state(payload)
+            return cls(**config)
+        except (TypeError, ValueError, OverflowError, MemoryError) as exc:
+            raise StateFileError(f"{source}: invalid configuration record: {exc}") from None
+
+    def _load_payload(self, payload: bytes, version: int, source: str) -> None:
+        try:
+            self._core.load_state(payload, version)
         except ValueError as exc:
             raise StateFileError(f"{source}: {exc}") from None
 
@@ -687,13 +759,15 @@ class Router:
         with open(path, "rb") as fh:
             data = fh.read()
         source = os.fspath(path)
-        config, payload = self._parse_bytes(data, source)
-        if config != self.config:
-            keys = sorted(set(config) | set(self._config))
-            diff = next(k for k in keys if config.get(k) != self._config.get(k))
+        config, version, payload = self._parse_bytes(data, source)
+        if config != self._config:
+            # Normalised as a router built from it would be: a file older than a tuning key
+            # (version 4 and "memory") matches a router with that key at its default.
+            config = type(self)._from_config(config, source)._config
+        if config != self._config:
             raise StateFileError(f"{source}: state file is from another configuration "
-                                 f"({diff}: {config.get(diff)!r} in the file, {self._config.get(diff)!r} here)")
-        self._load_payload(payload, source)
+                                 f"({_first_difference(config, self._config)})")
+        self._load_payload(payload, version, source)
 
     def __getstate__(self) -> Dict[str, Any]:
         return {"bytes": self.to_bytes()}

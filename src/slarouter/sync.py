@@ -192,9 +192,10 @@ class PeerSync:
         with self._lock:
             entries = self.store.items()
             mine = entries.get(self.replica)
-            if self.syncs and mine is not None and _instance(mine) != self._token:
+            if self.syncs and mine is not None and _entry(mine) is not None and _instance(mine) != self._token:
                 # Published here before, and now the entry is someone else's (on the first sync
-                # an old entry is this replica's earlier run, which it replaces).
+                # an old entry is this replica's earlier run, which it replaces; an entry that is
+                # not a PeerSync entry any more, corrupted or emptied, is this replica's to rewrite).
                 raise ValueError(f"another process publishes as replica {self.replica!r} in "
                                  f"{self.store!r}: every replica needs its own name")
             entry = {"replica": self.replica, "instance": self._token, "share": self.router.share()}
