@@ -16,6 +16,35 @@
 namespace py = pybind11;
 using namespace slarouter;
 
+// Releases the GIL for its scope, as py::gil_scoped_release does, except that its destructor may
+// throw: CPython ends a daemon thread that asks for the GIL back while the interpreter shuts down
+// with pthread_exit, whose forced unwinding must pass through this destructor (through a
+// noexcept one, as py::gil_scoped_release's is, it calls std::terminate and the process aborts
+// at exit). pybind11's dispatcher lets the forced unwinding through.
+class ReleaseGil {
+public:
+    ReleaseGil() {
+        py::detail::get_internals();  // as py::gil_scoped_release does, for later acquires
+        state_ = PyEval_SaveThread();
+    }
+    ~ReleaseGil() noexcept(false) { PyEval_RestoreThread(state_); }
+    ReleaseGil(const ReleaseGil&) = delete;
+    ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+private:
+    PyThreadState* state_ = nullptr;
+};
+
+// Runs f() with the GIL released. Every binding that takes the router's lock goes through here
+// (or releases the GIL itself): a thread holding the lock may need the GIL to finish (a Numba or
+// CuPy batch holds the lock from batch_begin to its commit while running Python), so waiting
+// for the lock while holding the GIL would deadlock the two threads.
+template <class F>
+auto without_gil(F&& f) -> decltype(f()) {
+    ReleaseGil nogil;
+    return f();
+}
+
 using FloatArray = py::array_t<float, py::array::c_style>;
 using DoubleArray = py::array_t<double, py::array::c_style>;
 using Int32Array = py::array_t<std::int32_t, py::array::c_style>;
@@ -126,7 +155,7 @@ public:
             Py_ssize_t len = 0;
             const char* text = PyUnicode_AsUTF8AndSize(x.ptr(), &len);
             if (text == nullptr) throw py::error_already_set();
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             thread_local std::vector<std::int32_t> idx;
             thread_local std::vector<float> val;
             if (idx.size() < static_cast<std::size_t>(cfg.max_features)) {
@@ -143,7 +172,7 @@ public:
                 p = fast_dense(keep);
                 if (p == nullptr) throw std::runtime_error("feature check returned an unusable array");
             }
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             d = route(FeatureView::dense_row(p, cfg.dim), c);
         }
         return make_decision(d);
@@ -153,7 +182,7 @@ public:
         const std::int64_t id = as_id(request_id);
         int st;
         {
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             st = complain(id);
         }
         return answer(st, id, "complaint");
@@ -165,8 +194,10 @@ public:
         if (satisfied.ptr() == Py_True || satisfied.ptr() == Py_False) {
             sat = satisfied.ptr() == Py_True;
         } else {
-            const std::string tn = py::str(py::type::handle_of(satisfied).attr("__name__"));
-            if (tn == "bool_") {
+            // numpy.bool_ (named "bool" since NumPy 2), without importing NumPy here.
+            const py::handle T = py::type::handle_of(satisfied);
+            const std::string tn = py::str(T.attr("__name__"));
+            if ((tn == "bool_" || tn == "bool") && std::string(py::str(T.attr("__module__"))) == "numpy") {
                 sat = satisfied.cast<bool>();
             } else if (PyLong_CheckExact(satisfied.ptr()) && (PyLong_AsLong(satisfied.ptr()) == 0 || PyLong_AsLong(satisfied.ptr()) == 1)) {
                 sat = PyLong_AsLong(satisfied.ptr()) == 1;
@@ -176,7 +207,7 @@ public:
         }
         int st;
         {
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             st = audit(id, sat);
         }
         return answer(st, id, "audit");
@@ -187,12 +218,19 @@ public:
         if (PyBool_Check(cost.ptr()) || !(PyFloat_Check(cost.ptr()) || PyLong_Check(cost.ptr()) ||
                                           PyObject_HasAttrString(cost.ptr(), "__float__")))
             throw py::type_error("cost must be a real number, got " + std::string(py::str(py::type::handle_of(cost).attr("__name__"))));
-        const double c = cost.cast<double>();
+        if (PyObject_HasAttrString(cost.ptr(), "ndim") && py::int_(cost.attr("ndim")).cast<int>() != 0)
+            throw py::type_error("cost must be a real number, got an array of shape " + std::string(py::str(cost.attr("shape"))));
+        const double c = PyFloat_AsDouble(cost.ptr());
+        if (c == -1.0 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
+            PyErr_Clear();
+            throw py::value_error("cost must be finite, got " + std::string(py::str(cost)).substr(0, 40) + "...");
+        }
         if (!std::isfinite(c)) throw py::value_error("cost must be finite, got " + std::to_string(c));
         if (c < 0) throw py::value_error("cost must be >= 0, got " + std::to_string(c));
         int st;
         {
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             st = observe_cost(id, c);
         }
         return answer(st, id, "cost");
@@ -228,7 +266,7 @@ public:
             const std::int64_t d = cfg.dim;
             std::atomic<bool> finite{true};
             {
-                py::gil_scoped_release nogil;
+                ReleaseGil nogil;
                 parallel_for(B, B * d >= kParallelWork ? threads : 1, [&](std::int64_t lo, std::int64_t hi) {
                     if (!kernels::all_finite(x + lo * d, (hi - lo) * d)) finite.store(false);
                 }, 256);
@@ -255,7 +293,7 @@ public:
         std::int32_t* mp = models.mutable_data();
         const float* xp = cfg.dim ? xa.data() : nullptr;
         {
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             // Hash text rows up front (in parallel) so every phase sees CSR features.
             std::vector<std::int64_t> indptr;
             std::vector<std::int32_t> idx;
@@ -309,7 +347,7 @@ public:
         int bad = kApplied;
         std::int64_t bad_id = 0;
         {
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             std::lock_guard<std::mutex> lock(mutex());
             std::vector<std::int64_t> seen(p, p + n);
             std::sort(seen.begin(), seen.end());
@@ -337,7 +375,7 @@ public:
     // frozen plan. The caller must call batch_commit or batch_abort next, from this thread.
     py::dict batch_begin_py(std::int64_t B) {
         {
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             mutex().lock();
         }
         try {
@@ -444,7 +482,7 @@ public:
         const Config& cfg = config();
         const std::int64_t n_inner = std::max<std::int64_t>(0, B - cfg.window);
         {
-            py::gil_scoped_release nogil;
+            ReleaseGil nogil;
             auto row = [&](std::int64_t r) { return FeatureView::dense_row(tp + (r - n_inner) * cfg.dim, cfg.dim); };
             batch_commit_locked(B, mp, ep, row, g, 0, nullptr, false, inner);
         }
@@ -509,7 +547,7 @@ public:
         if (X.ndim() != 2 || X.shape(0) != B || X.shape(1) != config().dim)
             throw std::invalid_argument("batch_remember: X must have shape (B, dim)");
         std::int32_t* mp = checked_models(models, "batch_remember");
-        py::gil_scoped_release nogil;
+        ReleaseGil nogil;
         return remembered_rows(held_plan_, X.data(), B, mp);
     }
 
@@ -521,7 +559,7 @@ public:
         if (keys.ndim() != 1 || keys.shape(0) != B)
             throw std::invalid_argument("batch_remember_keys: keys must have shape (B,)");
         std::int32_t* mp = checked_models(models, "batch_remember_keys");
-        py::gil_scoped_release nogil;
+        ReleaseGil nogil;
         return remembered_keys(held_plan_, keys.data(), B, mp);
     }
 
@@ -581,24 +619,23 @@ private:
         return p;
     }
 
-    static std::int64_t as_id(py::handle h) {
+    std::int64_t as_id(py::handle h) const {
+        long long r;
         if (PyLong_CheckExact(h.ptr())) {
-            const long long v = PyLong_AsLongLong(h.ptr());
-            if (v == -1 && PyErr_Occurred()) {
-                PyErr_Clear();
-                return -1;  // out of range: never issued
-            }
-            return v;
+            r = PyLong_AsLongLong(h.ptr());
+        } else {
+            if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
+                throw py::type_error("request_id must be an int, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+            PyObject* v = PyNumber_Index(h.ptr());
+            if (v == nullptr) throw py::error_already_set();
+            r = PyLong_AsLongLong(v);
+            Py_DECREF(v);
         }
-        if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
-            throw py::type_error("request_id must be an int, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
-        PyObject* v = PyNumber_Index(h.ptr());
-        if (v == nullptr) throw py::error_already_set();
-        const long long r = PyLong_AsLongLong(v);
-        Py_DECREF(v);
-        if (r == -1 && PyErr_Occurred()) {
+        if (r == -1 && PyErr_Occurred()) {  // beyond int64: never issued
             PyErr_Clear();
-            return -1;
+            const std::string msg = "unknown request id " + std::string(py::str(h)) + ": this router never issued it";
+            PyErr_SetObject(unknown_error_.ptr(), py::str(msg).ptr());
+            throw py::error_already_set();
         }
         return r;
     }
@@ -612,7 +649,7 @@ private:
             msg = "unknown request id " + std::to_string(id) + ": this router never issued it";
             type = unknown_error_;
         } else {
-            msg = "request " + std::to_string(id) + " already has a " + what;
+            msg = "request " + std::to_string(id) + " already has " + (what[0] == 'a' ? "an " : "a ") + what;
             type = duplicate_error_;
         }
         PyErr_SetObject(type.ptr(), py::str(msg).ptr());
@@ -708,10 +745,15 @@ PYBIND11_MODULE(_core, m) {
         .def("batch_remember", &PyRouter::batch_remember_py, py::arg("X"), py::arg("models"))
         .def("batch_remember_keys", &PyRouter::batch_remember_keys_py, py::arg("keys"), py::arg("models"))
         .def_static("uniform_draw", &Router::draw, py::arg("state"), py::arg("i"))
-        .def("estimates", [](const PyRouter& r) { return estimates_dict(r.estimates()); })
+        .def("estimates", [](const PyRouter& r) { return estimates_dict(without_gil([&] { return r.estimates(); })); })
         .def("share",
              [](const PyRouter& r) {
-                 const Peers p = r.share();
+                 std::vector<std::uint64_t> keys;
+                 std::vector<std::int32_t> models;
+                 const Peers p = without_gil([&] {
+                     r.recent_failures(&keys, &models);
+                     return r.share();
+                 });
                  py::dict d;
                  d["requests"] = p.n;
                  d["unsatisfied"] = p.unsat;
@@ -723,9 +765,6 @@ PYBIND11_MODULE(_core, m) {
                  d["audited_unsatisfied"] = p.rho_n;
                  d["audited_unsatisfied_complained"] = p.rho_c;
                  d["rho_sensitivity"] = p.rho_s;
-                 std::vector<std::uint64_t> keys;
-                 std::vector<std::int32_t> models;
-                 r.recent_failures(&keys, &models);
                  const py::ssize_t nf = static_cast<py::ssize_t>(keys.size());
                  d["failures"] = py::make_tuple(py::array_t<std::uint64_t>(nf, keys.data()),
                                                 py::array_t<std::int32_t>(nf, models.data()));
@@ -735,10 +774,14 @@ PYBIND11_MODULE(_core, m) {
              [](PyRouter& r, py::array_t<std::uint64_t, py::array::c_style> keys, Int32Array models) {
                  if (keys.ndim() != 1 || models.ndim() != 1 || keys.shape(0) != models.shape(0))
                      throw std::invalid_argument("merge_failures: keys and models must be 1-D of one length");
-                 r.merge_failures(keys.data(), models.data(), keys.shape(0));
+                 without_gil([&] { r.merge_failures(keys.data(), models.data(), keys.shape(0)); });
              },
              py::arg("keys"), py::arg("models"))
-        .def("peer_counts", [](const PyRouter& r) { const auto c = r.peer_counts(); return py::make_tuple(c.first, c.second); })
+        .def("peer_counts",
+             [](const PyRouter& r) {
+                 const auto c = without_gil([&] { return r.peer_counts(); });
+                 return py::make_tuple(c.first, c.second);
+             })
         .def("set_peers",
              [](PyRouter& r, double n, double unsat, double var, std::vector<std::vector<double>> exposure,
                 std::vector<double> complaints, std::vector<double> audits, std::vector<double> audits_sat,
@@ -756,7 +799,7 @@ PYBIND11_MODULE(_core, m) {
                  p.complaints = std::move(complaints);
                  p.audits = std::move(audits);
                  p.audits_sat = std::move(audits_sat);
-                 py::gil_scoped_release nogil;
+                 ReleaseGil nogil;
                  r.set_peers(p);
              },
              py::arg("requests"), py::arg("unsatisfied"), py::arg("variance"), py::arg("exposure"),
@@ -764,7 +807,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("audited_unsatisfied_complained"), py::arg("rho_sensitivity"), py::arg("rho_sensitivity_squares"))
         .def("counters",
              [](const PyRouter& r) {
-                 const auto c = r.counters();
+                 const auto c = without_gil([&] { return r.counters(); });
                  py::dict d;
                  d["requests"] = c.requests;
                  d["complaints"] = c.complaints;
@@ -779,8 +822,12 @@ PYBIND11_MODULE(_core, m) {
                  d["audits_per_model"] = c.audits_per_model;
                  return d;
              })
-        .def("save_state", [](const PyRouter& r) { return py::bytes(r.save_state()); })
-        .def("load_state", [](PyRouter& r, py::bytes b, int version) { r.load_state(std::string(b), version); },
+        .def("save_state", [](const PyRouter& r) { return py::bytes(without_gil([&] { return r.save_state(); })); })
+        .def("load_state",
+             [](PyRouter& r, py::bytes b, int version) {
+                 const std::string blob(b);
+                 without_gil([&] { r.load_state(blob, version); });
+             },
              py::arg("blob"), py::arg("version") = kStateFormat)
         .def("replay",
              [](PyRouter& r, Int32Array row, FloatArray sat, DoubleArray cost, DoubleArray u_sat,
@@ -811,7 +858,7 @@ PYBIND11_MODULE(_core, m) {
                  }
                  ReplayResult res;
                  {
-                     py::gil_scoped_release nogil;
+                     ReleaseGil nogil;
                      res = replay(r, s, batch);
                  }
                  return py::make_tuple(Int32Array(res.model.size(), res.model.data()),

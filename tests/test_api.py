@@ -193,8 +193,12 @@ def test_audit_and_cost_feedback():
     assert r.audit(d.request_id, False) is True
     with pytest.raises(DuplicateFeedbackError, match="audit"):
         r.audit(d.request_id, True)
+    with pytest.raises(DuplicateFeedbackError, match="request 0 already has an audit"):
+        r.audit(d.request_id, np.True_)
     with pytest.raises(TypeError, match="satisfied must be a bool"):
         r.audit(d.request_id, "yes")
+    for satisfied in (np.True_, np.bool_(False), np.float64(0.3) > 0.5):  # NumPy's bool (named "bool" in NumPy 2)
+        assert r.audit(r.route("q").request_id, satisfied) is True
     assert r.observe_cost(d.request_id, 3.5) is True
     with pytest.raises(DuplicateFeedbackError, match="cost"):
         r.observe_cost(d.request_id, 3.5)
@@ -204,9 +208,19 @@ def test_audit_and_cost_feedback():
         r.observe_cost(d.request_id, float("nan"))
     with pytest.raises(UnknownRequestError):
         r.audit(12345, True)
+    with pytest.raises(ValueError, match="cost must be finite"):
+        r.observe_cost(r.route("q").request_id - 1, 10**400)
+    with pytest.raises(TypeError, match=r"cost must be a real number, got an array of shape \(1,\)"):
+        r.observe_cost(r.route("q").request_id - 2, np.array([1.0]))
+    for big in (2**64, 2**63, -2**63 - 1):  # beyond int64: named as given, not wrapped
+        with pytest.raises(UnknownRequestError, match=f"unknown request id {big}:"):
+            r.complain(big)
+    with pytest.raises(UnknownRequestError, match=f"unknown request id {2**63}:"):
+        r.complain_batch(np.array([1, 2**63], np.uint64))
+    with pytest.raises(UnknownRequestError, match=f"unknown request id {2**64}:"):
+        r.complain_batch([1, 2**64])
     s = r.stats()
-    assert s["audits"] == 1
-    assert s["models"][d.model]["audits"] == 1
+    assert s["audits"] == 4 and s["complaints"] == 0
 
 
 def test_observed_costs_move_the_running_mean():

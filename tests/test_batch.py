@@ -371,6 +371,18 @@ def _x(B: int = 2, dim: int = 3) -> np.ndarray:
     return np.arange(B * dim, dtype=np.float32).reshape(B, dim) / 7
 
 
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _aliased() -> Tuple[np.ndarray, np.ndarray]:
+    ids = np.empty(2, np.int64)
+    return ids, ids.view(np.int32)[:2]  # models written over ids' first element
+
+
+_X_BUF = np.ones(8, np.float32)  # X is its first six values; a models array over two of them overlaps X
+
 DENSE_ERRORS = [
     (dict(X=_x()[0]), ValueError, r"shape \(B, 3\)"),
     (dict(X=_x(2, 4)), ValueError, r"shape \(B, 3\)"),
@@ -388,9 +400,15 @@ DENSE_ERRORS = [
     (dict(X=_x(), out=(np.empty(2, np.int32), np.empty(2, np.int32))), ValueError, "out ids must be"),
     (dict(X=_x(), out=(np.empty(2, np.int64), np.empty(3, np.int32))), ValueError, "out models must be"),
     (dict(X=_x(), out=(np.empty(4, np.int64)[::2], np.empty(2, np.int32))), ValueError, "C-contiguous"),
+    (dict(X=_x(), out=(_readonly(np.empty(2, np.int64)), np.empty(2, np.int32))), ValueError, "out ids is read-only"),
+    (dict(X=_x(), out=(np.empty(2, np.int64), _readonly(np.empty(2, np.int32)))), ValueError, "out models is read-only"),
+    (dict(X=_x(), out=_aliased()), ValueError, "out ids and models must not overlap"),
+    (dict(X=_X_BUF[:6].reshape(2, 3), out=(np.empty(2, np.int64), _X_BUF[4:6].view(np.int32))), ValueError,
+     "out arrays must not overlap X or cost"),
     (dict(X=_x(), backend="gpu"), ValueError, "backend must be one of"),
     (dict(X=_x(), threads=-1), ValueError, "threads must be an int >= 0"),
     (dict(X=_x(), threads=1.5), ValueError, "threads must be an int >= 0"),
+    (dict(X=_x(), threads=2**40), ValueError, "threads must be an int >= 0"),
 ]
 
 TEXT_ERRORS = [

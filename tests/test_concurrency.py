@@ -155,3 +155,64 @@ def test_peers_set_while_threads_route_lose_nothing():
     assert s["requests"] == workers * cycles
     assert s["complaints"] == sum(sent)
     assert s["whole_stream"]["requests"] == workers * cycles + 1000
+
+
+def _run_child(code: str, timeout: float = 240) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("reader", ["stats()", "to_bytes()", "share()", "repr(r)", "r._core.estimates()"])
+def test_readers_do_not_deadlock_against_a_numba_batch(reader):
+    """A Numba batch holds the router's lock from batch_begin to its commit while running Python;
+    a reader in another thread must wait for that lock without holding the GIL, or neither
+    thread can go on (a child process, so that a deadlock fails the test instead of hanging it)."""
+    code = f"""
+import faulthandler, threading
+import numpy as np
+from slarouter import Router
+faulthandler.dump_traceback_later(120, exit=True)
+r = Router([("a", 1.0), ("b", 2.0), ("c", 5.0)], 0.9, features=4, report_rate=0.5, feedback_window=256)
+X = np.random.default_rng(0).standard_normal((2048, 4)).astype(np.float32)
+r.route_batch(X, backend="numba")  # compiles the kernels first
+done = threading.Event()
+def batches():
+    for _ in range(30):
+        r.route_batch(X, backend="numba")
+    done.set()
+def read():
+    n = 0
+    while not done.is_set():
+        {"r." + reader if not reader.startswith(("repr", "r.")) else reader}
+        n += 1
+    print("reads", n)
+t = threading.Thread(target=read)
+t.start()
+batches()
+t.join()
+print("requests", r.stats()["requests"])
+"""
+    res = _run_child(code)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "requests 63488" in res.stdout
+
+
+def test_a_daemon_thread_routing_at_exit_does_not_abort_the_process():
+    """A daemon thread inside route() when the interpreter exits is ended by CPython as it asks
+    for the GIL back; the process must exit normally, not abort in the C++ runtime."""
+    code = """
+import threading, time
+from slarouter import Router
+r = Router([("a", 1.0), ("b", 2.0)], 0.9, report_rate=0.5)
+def serve():
+    while True:
+        r.route("some prompt text here")
+        r.stats()
+threading.Thread(target=serve, daemon=True).start()
+time.sleep(0.3)
+"""
+    for _ in range(3):
+        res = _run_child(code, timeout=60)
+        assert res.returncode == 0, res.stderr

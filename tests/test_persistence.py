@@ -126,6 +126,28 @@ def test_consistent_checksum_but_bad_payload_is_refused():
     del struct
 
 
+def test_estimates_of_inconsistent_lengths_are_refused():
+    """A payload whose cached estimates hold one model's worth in one vector and none in another
+    (the checksum made to match) is refused, not read past the shorter vector's end."""
+    import struct
+    import zlib
+
+    from slarouter import _router
+
+    a = Router(MODELS, 0.7, report_rate=0.5, features=4)
+    a.route_batch(np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32))
+    a.set_peers([])  # refreshes the cached estimates now, so estimates() shows them
+    exposure = struct.pack("<Q", 3) + struct.pack("<3d", *a._core.estimates()["exposure"])
+    data = a.to_bytes()
+    assert data.count(exposure) == 1
+    magic, version, clen = _router._HEADER.unpack_from(data, 0)
+    body = data[: -_router._TRAILER.size].replace(exposure, struct.pack("<Q", 0))
+    payload_len = len(body) - _router._HEADER.size - clen
+    with pytest.raises(StateFileError, match="estimates missing or inconsistent"):
+        Router.from_bytes(body + _router._TRAILER.pack(payload_len, zlib.crc32(body) & 0xFFFFFFFF))
+    assert Router.from_bytes(data).to_bytes() == data
+
+
 def test_estimated_report_rate_state_round_trips_and_is_checked():
     """With the report rate estimated from audits, the pending audited-unsatisfied counts are
     state: a loaded router continues identically, and counts that disagree with the window's

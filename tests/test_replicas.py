@@ -319,6 +319,24 @@ def test_pooled_report_rate_errors_add_up_across_replicas():
     assert two == pytest.approx(2 * one, rel=1e-9)
 
 
+@pytest.mark.parametrize("batch", [0, 100])
+def test_a_router_saved_right_after_set_peers_loads(batch):
+    """set_peers() recomputes the estimates between the scheduled refreshes (after a batch the
+    next one is already past due): the state it leaves is a valid one."""
+    peer = _router(seed=1)
+    _drive(peer, 50)
+    r = _router(seed=2)
+    if batch:
+        r.route_batch([f"question {i}" for i in range(batch)])
+    else:
+        _drive(r, 16)
+    for shares in ([], [peer.share()]):
+        r.set_peers(shares)
+        loaded = Router.from_bytes(r.to_bytes())
+        assert loaded.to_bytes() == r.to_bytes()
+        assert _drive(loaded, 40, start=200) == _drive(Router.from_bytes(r.to_bytes()), 40, start=200)
+
+
 def test_peers_survive_save_and_load(tmp_path):
     peer = _router(seed=1)
     _drive(peer, 700)

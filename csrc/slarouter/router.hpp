@@ -731,8 +731,15 @@ private:
         }
         if (closed_upto_ < 0 || closed_upto_ > t_ || closed_upto_ < t_ - cfg_.window)
             throw std::invalid_argument("state is corrupt: inconsistent window");
-        if (t_ > 0 && (est_.acc.empty() || est_.hull.empty() || next_refresh_ <= est_.n || est_.n > t_))
+        // (Any next_refresh_ is consistent: set_peers() refreshes between the scheduled refreshes,
+        // and a batch's refresh leaves the next one due before the batch's end.)
+        if (t_ > 0 && (est_.acc.empty() || est_.hull.empty() || est_.n > t_))
             throw std::invalid_argument("state is corrupt: estimates missing or inconsistent");
+        // The per-model estimates are computed together: all empty (before the first refresh) or
+        // all one per model (the scoring code indexes them by model).
+        for (const std::vector<double>* v : {&est_.sd, &est_.lcb, &est_.ucb, &est_.cnorm, &est_.cmean, &est_.exposure})
+            if (v->size() != est_.acc.size())
+                throw std::invalid_argument("state is corrupt: estimates missing or inconsistent");
         for (int k : est_.hull)
             if (k < 0 || k >= K) throw std::invalid_argument("state is corrupt: frontier names no valid model");
         if (!(est_.rho > est_.rho_false) || !(est_.payback > 0.0))

@@ -10,7 +10,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, UnknownRequestError
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "route_batch", "complain_batch"]
 
@@ -84,7 +84,10 @@ def check_cost(cost: Any, B: int, K: int, xp=np) -> Optional[Any]:
     return arr
 
 
-def check_out(out: Any, B: int, xp=np) -> Optional[Tuple[Any, Any]]:
+def check_out(out: Any, B: int, xp=np, inputs: Tuple[Any, ...] = ()) -> Optional[Tuple[Any, Any]]:
+    """The (ids, models) arrays a batch writes into, checked before anything is routed: of the
+    right type, shape and layout, writable, and overlapping neither each other nor the batch's
+    input arrays (``inputs``), which the decisions are read from while they are written."""
     if out is None:
         return None
     if not isinstance(out, tuple) or len(out) != 2:
@@ -93,6 +96,14 @@ def check_out(out: Any, B: int, xp=np) -> Optional[Tuple[Any, Any]]:
     for a, dt, name in ((ids, xp.int64, "ids"), (models, xp.int32, "models")):
         if not hasattr(a, "dtype") or a.dtype != dt or a.shape != (B,) or not a.flags.c_contiguous:
             raise ValueError(f"out {name} must be a C-contiguous {np.dtype(dt).name} array of shape ({B},)")
+        if xp is np and not a.flags.writeable:
+            raise ValueError(f"out {name} is read-only")
+    if B > 0 and isinstance(ids, xp.ndarray) and isinstance(models, xp.ndarray):  # (else the caller says what)
+        if xp.may_share_memory(ids, models):
+            raise ValueError("out ids and models must not overlap")
+        for a in (ids, models):
+            if any(isinstance(x, xp.ndarray) and xp.may_share_memory(a, x) for x in inputs):
+                raise ValueError("out arrays must not overlap X or cost")
     return ids, models
 
 
@@ -109,14 +120,14 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str, threads:
         rows = check_text(X)
         B = len(rows)
         c = check_cost(cost, B, K)
-        o = check_out(out, B)
+        o = check_out(out, B, inputs=(c,))
         if B == 0:
             return _empty(o)
         return core.route_batch(rows, c, o, threads)
     Xa = check_dense(X, router._dim)
     B = Xa.shape[0]
     c = check_cost(cost, B, K)
-    o = check_out(out, B)
+    o = check_out(out, B, inputs=(Xa, c))
     if B == 0:
         return _empty(o)
     if which == "cpu":
@@ -176,6 +187,11 @@ def complain_batch(router: Any, ids: Any) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.ndim == 1 and arr.size == 0:
         return np.zeros(0, dtype=bool)
+    if arr.ndim == 1 and (arr.dtype == object or arr.dtype == np.uint64):
+        # Integers beyond int64 (NumPy holds them as objects, or as uint64 from 2**63): never issued.
+        for i in arr.tolist():
+            if isinstance(i, int) and not isinstance(i, bool) and not -2**63 <= i < 2**63:
+                raise UnknownRequestError(f"unknown request id {i}: this router never issued it")
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise TypeError(f"ids must be a 1-D integer array, got dtype {arr.dtype} and shape {arr.shape}")
     return router._core.complain_batch(np.ascontiguousarray(arr, dtype=np.int64))

@@ -73,7 +73,7 @@ def route_batch(router: Any, cp: Any, X: Any, cost: Any, out: Any) -> Tuple[Any,
     K = len(router._names)
     with _on_device(cp, Xd):
         c = be.check_cost(cost, B, K, cp)
-        o = be.check_out(out, B, cp)
+        o = be.check_out(out, B, cp, inputs=(Xd, c))
         if o is not None and not host and not all(be._is_cupy(a) for a in o):
             raise TypeError("out must hold CuPy arrays: the GPU backend leaves its results on the device")
         if not _all_finite(cp, Xd):

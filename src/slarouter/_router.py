@@ -472,9 +472,9 @@ class Router:
         """
         from . import _backends
 
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        if not _is_int(threads) or not 0 <= threads < 2**31:
             raise ValueError(f"threads must be an int >= 0 (0: one per core), got {threads!r}")
-        return _backends.route_batch(self, X, cost, out, backend, threads)
+        return _backends.route_batch(self, X, cost, out, backend, int(threads))
 
     def complain_batch(self, request_ids: Any) -> np.ndarray:
         """Complaints for many requests. Every id is checked first: an unknown id or a duplicate
