@@ -341,7 +341,10 @@ public:
     // Returns, per id, True when applied and False when its window had closed.
     py::array_t<bool> complain_batch_py(Int64Array ids) {
         const std::int64_t n = ids.shape(0);
-        const std::int64_t* p = ids.data();
+        // A copy: the caller's array may be written by another thread while the GIL is released,
+        // and the ids applied must be the ids checked.
+        const std::vector<std::int64_t> own(ids.data(), ids.data() + n);
+        const std::int64_t* p = own.data();
         py::array_t<bool> out(n);
         bool* o = out.mutable_data();
         int bad = kApplied;

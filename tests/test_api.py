@@ -115,6 +115,7 @@ def snapshot(r):
         (np.array(["a"] * 8), TypeError, "floating-point"),
         (np.full(8, np.nan, np.float32), ValueError, "NaN or infinite"),
         (np.full(8, np.inf), ValueError, "NaN or infinite"),
+        (np.full(8, 1e39), ValueError, "beyond float32's range"),
         ("a prompt", TypeError, "got a str"),
     ],
 )

@@ -389,6 +389,7 @@ DENSE_ERRORS = [
     (dict(X=np.ones((2, 3), np.int64)), TypeError, "floating-point"),
     (dict(X=np.where(np.eye(2, 3) > 0, np.nan, 1.0)), ValueError, "NaN"),
     (dict(X=np.full((2, 3), np.inf, np.float32)), ValueError, "NaN or infinite"),
+    (dict(X=np.full((2, 3), 1e39)), ValueError, "beyond float32's range"),
     (dict(X=["a b", "c"]), TypeError, "floating-point"),
     (dict(X="a b"), TypeError, "floating-point"),
     (dict(X=_x(), cost=np.ones((2, 3))), ValueError, r"cost must have shape \(B, models\) = \(2, 2\)"),
@@ -418,6 +419,8 @@ TEXT_ERRORS = [
     (dict(X=["a", "b"], backend="numba"), ValueError, "dense features only"),
     (dict(X=["a", "b"], cost=np.ones((3, 2))), ValueError, "cost must have shape"),
     (dict(X=["a", "b"], backend="cuda"), ValueError, "backend must be one of"),
+    (dict(X={"a": 1, "b": 2}), TypeError, "sequence of str .*got dict"),
+    (dict(X={"a", "b"}), TypeError, "sequence of str .*got set"),
 ]
 
 

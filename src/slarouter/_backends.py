@@ -6,6 +6,7 @@ GPU without CuPy or without a device raises; there is never a silent fallback to
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Set as AbstractSet
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -55,12 +56,23 @@ def check_dense(X: Any, dim: int, xp=np) -> Any:
         raise TypeError(f"X must be a floating-point array, got dtype {X.dtype}")
     if X.ndim != 2 or X.shape[1] != dim:
         raise ValueError(f"X must have shape (B, {dim}), got {tuple(X.shape)}")
-    return xp.ascontiguousarray(X, dtype=xp.float32)
+    if X.dtype.itemsize <= 4:
+        return xp.ascontiguousarray(X, dtype=xp.float32)
+    with np.errstate(over="ignore"):
+        Y = xp.ascontiguousarray(X, dtype=xp.float32)
+    if not bool(xp.isfinite(Y).all()) and bool(xp.isfinite(X).all()):
+        raise ValueError(f"X holds finite values beyond float32's range (+-{FLOAT32_MAX:.4g}); the router "
+                         "scores float32 features")
+    return Y
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_text(X: Any) -> list:
-    if isinstance(X, str) or not hasattr(X, "__len__"):
-        raise TypeError("this router hashes prompt text: X must be a sequence of str")
+    if isinstance(X, (str, Mapping, AbstractSet)) or not hasattr(X, "__len__"):
+        raise TypeError("this router hashes prompt text: X must be a sequence of str (in request order), "
+                        f"got {type(X).__name__}")
     rows = list(X)
     for r, x in enumerate(rows):
         if not isinstance(x, str):

@@ -196,10 +196,14 @@ def _feature_checker(dim: int):
             raise TypeError(f"x must be a floating-point array, got dtype {arr.dtype}")
         if arr.ndim != 1 or arr.shape[0] != dim:
             raise ValueError(f"x must have shape ({dim},), got {arr.shape}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
+        with np.errstate(over="ignore"):
+            x32 = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(x32).all():
+            if np.isfinite(arr).all():
+                raise ValueError(f"x holds finite values beyond float32's range (+-{float(np.finfo(np.float32).max):.4g}); "
+                                 "the router scores float32 features")
             raise ValueError("x contains NaN or infinite values")
-        return arr
+        return x32
 
     return check
 
