@@ -9,7 +9,7 @@ import time
 import pytest
 
 from slarouter import Router
-from slarouter.sync import DirectoryStore, PeerSync, RedisStore
+from slarouter.sync import DirectoryStore, PeerEntryError, PeerSync, RedisStore
 
 MODELS = [("small", 1.0), ("mid", 4.0), ("large", 20.0)]
 
@@ -147,6 +147,28 @@ def test_a_restarted_replica_keeps_its_name_and_its_evidence(tmp_path):
     PeerSync(restarted, store, "a").sync()
     PeerSync(b, store, "b").sync()
     assert b.stats()["whole_stream"]["requests"] == 400
+
+
+def test_a_bad_peer_entry_does_not_keep_a_replica_from_starting(tmp_path, caplog):
+    """start() raises what is wrong with this replica's own setup, not another replica's garbage:
+    that is logged, kept in last_error, and the replica catches up once the entry is good."""
+    a, b = _router(1), _router(2)
+    _drive(b, 40)
+    store = DirectoryStore(tmp_path)
+    (tmp_path / "b.json").write_bytes(b"garbage")
+    with caplog.at_level(logging.ERROR, logger="slarouter.sync"):
+        with PeerSync(a, store, "a", interval=0.01) as sa:
+            assert isinstance(sa.last_error, PeerEntryError) and isinstance(sa.last_error, ValueError)
+            assert "entry of replica 'b'" in caplog.text
+            PeerSync(b, store, "b").sync()
+            _wait(lambda: a.stats()["whole_stream"]["requests"] == 40)
+    other = DirectoryStore(tmp_path / "other")
+    first, second = PeerSync(_router(3), other, "a2"), PeerSync(_router(4), other, "a2")
+    first.sync()
+    second.sync()
+    with pytest.raises(ValueError, match="another process publishes as replica 'a2'") as err:
+        first.start()  # its own setup: raised, no thread
+    assert not isinstance(err.value, PeerEntryError) and first._thread is None
 
 
 def test_background_thread_keeps_peers_current_and_reports_errors(tmp_path, caplog):

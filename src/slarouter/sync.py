@@ -26,7 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Union
 
 from ._router import Router, write_atomically
 
-__all__ = ["DirectoryStore", "PeerSync", "RedisStore", "Store"]
+__all__ = ["DirectoryStore", "PeerEntryError", "PeerSync", "RedisStore", "Store"]
 
 _log = logging.getLogger("slarouter.sync")
 
@@ -141,6 +141,12 @@ def _instance(data: bytes) -> Any:
     return None if e is None else e.get("instance")
 
 
+class PeerEntryError(ValueError):
+    """Another replica's entry in the store is not a valid share for this router (corrupt, written
+    by something else, or from a router with other models, SLA, report rate or features). This
+    router's own share was published; its peers are as they were."""
+
+
 class PeerSync:
     """Publishes a router's evidence to a store and feeds it the other replicas'.
 
@@ -185,9 +191,9 @@ class PeerSync:
         """Set the other replicas' latest shares as peers, publish this router's; returns how many.
 
         Raises ``ValueError`` if another process has published under this replica's name since
-        its last sync (then nothing is published), or if a peer's entry is not a valid share of
-        a router with the same models, SLA and report rate (this router's share is published, its
-        peers are left as they were).
+        its last sync (then nothing is published), or ``PeerEntryError`` (a ``ValueError``) if a
+        peer's entry is not a valid share of a router with the same models, SLA, report rate and
+        features (this router's share is published, its peers are left as they were).
         """
         with self._lock:
             entries = self.store.items()
@@ -207,7 +213,7 @@ class PeerSync:
                     continue
                 e = _entry(data)
                 if e is None or e.get("replica") != name:
-                    raise ValueError(f"the entry of replica {name!r} in {self.store!r} is not a "
+                    raise PeerEntryError(f"the entry of replica {name!r} in {self.store!r} is not a "
                                      "PeerSync entry (corrupt, or written by something else)")
                 names.append(name)
                 shares.append(e["share"])
@@ -215,14 +221,23 @@ class PeerSync:
                 self.router.set_peers(shares)
             except (TypeError, ValueError) as err:
                 msg = re.sub(r"shares\[(\d+)\]", lambda m: f"the share of replica {names[int(m.group(1))]!r}", str(err))
-                raise ValueError(f"{msg} (in {self.store!r})") from err
+                raise PeerEntryError(f"{msg} (in {self.store!r})") from err
             return len(shares)
 
     def start(self) -> "PeerSync":
-        """Sync now, then every ``interval`` seconds from a daemon thread."""
+        """Sync now, then every ``interval`` seconds from a daemon thread.
+
+        The first sync raises what is wrong with this replica's own setup (a store that cannot
+        be reached, its name in use by another process). Another replica's bad entry
+        (``PeerEntryError``) does not keep this one from starting: it is logged and kept in
+        ``last_error``, as it is in the background, and tried again each interval."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("this PeerSync is already running")
-        self.sync()
+        try:
+            self.sync()
+        except PeerEntryError as err:
+            self.last_error = err
+            _log.error("slarouter: sync of replica %r failed: %s", self.replica, err)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=f"slarouter-sync-{self.replica}", daemon=True)
         self._thread.start()
