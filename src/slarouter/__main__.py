@@ -20,12 +20,28 @@ def _seeds(text: str) -> List[int]:
         part = part.strip()
         if "-" in part:
             a, b = part.split("-", 1)
+            if int(b) < int(a):
+                raise argparse.ArgumentTypeError(f"seed range {part!r} runs backwards")
             out.extend(range(int(a), int(b) + 1))
         elif part:
             out.append(int(part))
     if not out or min(out) < 0:
         raise argparse.ArgumentTypeError(f"seeds must be non-negative ints or ranges like 0-4, got {text!r}")
-    return out
+    return list(dict.fromkeys(out))
+
+
+def _count(least: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
+        return v
+
+    parse.__name__ = f"int >= {least}"
+    return parse
 
 
 def _rate(text: str) -> float:
@@ -59,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dataset", help="dataset folder (meta.json + requests.csv.gz)")
     r.add_argument("--protocol", nargs="+", choices=["short", "long"], default=["short"],
                    help="short: each benchmark once in a random order; long: 20,000 draws with replacement")
-    r.add_argument("--requests", type=int, default=None, help="requests per stream (default: protocol's)")
+    r.add_argument("--requests", type=_count(1), default=None, help="requests per stream (default: protocol's)")
     r.add_argument("--report-rate", nargs="+", type=_rate, default=[0.3], dest="report_rate",
                    help="probability that an unsatisfied user complains (several allowed)")
     r.add_argument("--alpha", nargs="+", type=_unit, default=None, help="SLA levels (default: the dataset's)")
@@ -71,17 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--confidence", type=_unit, default=0.95, help="the router's confidence (default 0.95)")
     r.add_argument("--audit-rate", type=float, default=0.0, dest="audit_rate",
                    help="fraction of requests audited; when > 0 the report rate is withheld from the router")
-    r.add_argument("--batch", type=int, default=None,
+    r.add_argument("--batch", type=_count(1), default=None,
                    help="the router routes this many requests at a time (route_batch's phases: one dual state "
                         "per batch; feedback due within a batch waits for the next); default: route() per request")
-    r.add_argument("--max-delay", type=int, default=200, dest="max_delay", help="largest feedback delay")
+    r.add_argument("--max-delay", type=_count(0), default=200, dest="max_delay", help="largest feedback delay")
     r.add_argument("--tuning", type=_tuning, default=None,
                    help="overrides of the engine constants for policy slarouter, as a JSON object, e.g. "
                         "'{\"payback\": 300}' (keys and ranges: slarouter._defaults.TUNING, TUNING_RANGE); for "
                         "measuring a constant, not for use: the defaults are the configuration")
     r.add_argument("--json", default=None, help="write every run to this JSON file")
     r.add_argument("--plot", default=None, help="write a PNG figure (needs matplotlib)")
-    r.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to use")
+    r.add_argument("--workers", type=_count(1), default=os.cpu_count() or 1, help="processes to use")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -200,9 +216,11 @@ def run_replay(args: argparse.Namespace) -> dict:
     from .replay import resolve_policy
 
     ds = load_dataset(args.dataset)
-    benchmarks = args.benchmark or ds.benchmarks
-    for b in benchmarks:
-        ds.rows(b)  # validates the name
+    benchmarks = list(dict.fromkeys(args.benchmark or ds.benchmarks))
+    unknown = [b for b in benchmarks if b not in ds.benchmarks]
+    if unknown:
+        raise SystemExit(f"slarouter replay: dataset {ds.name!r} has no benchmark {unknown[0]!r}; it has "
+                         f"{ds.benchmarks}")
     requested = list(dict.fromkeys(args.policies or default_policies(ds.models)))
     for p in requested:
         try:
@@ -210,8 +228,6 @@ def run_replay(args: argparse.Namespace) -> dict:
         except ValueError as e:
             raise SystemExit(f"slarouter replay: {e}") from None
     policies = _policies_to_run(requested)
-    if args.batch is not None and args.batch < 1:
-        raise SystemExit("--batch must be >= 1")
     if not 0.0 <= args.audit_rate <= 1.0:
         raise SystemExit("--audit-rate must be in [0, 1]")
     if args.tuning is not None:
@@ -223,11 +239,11 @@ def run_replay(args: argparse.Namespace) -> dict:
             raise SystemExit(f"slarouter replay: --tuning: {e}") from None
     jobs = []
     for b in benchmarks:
-        alphas = args.alpha or ds.sla_levels(b)
-        for proto in args.protocol:
+        alphas = list(dict.fromkeys(args.alpha or ds.sla_levels(b)))
+        for proto in dict.fromkeys(args.protocol):
             for seed in args.seeds:
                 jobs.append(dict(benchmark=b, protocol=proto, seed=seed, requests=args.requests, alphas=alphas,
-                                 rates=args.report_rate, policies=policies, confidence=args.confidence,
+                                 rates=list(dict.fromkeys(args.report_rate)), policies=policies, confidence=args.confidence,
                                  audit_rate=args.audit_rate, batch=args.batch or 0, max_delay=args.max_delay,
                                  tuning=args.tuning, trace=not jobs))
     runs: List[dict] = []
@@ -274,8 +290,10 @@ def summarize(runs: Sequence[dict]) -> Dict[tuple, dict]:
 
 
 def _row(rs: Sequence[dict]) -> str:
-    cb = np.mean([r["cost_per_request"] / r["static_optimum_cost"] for r in rs])
-    cc = np.mean([r["cost_per_request"] / r["certified_optimum_cost"] for r in rs])
+    from .replay import cost_ratio
+
+    cb = cost_ratio(rs, "static_optimum_cost")
+    cc = cost_ratio(rs, "certified_optimum_cost")
     sat = np.mean([r["satisfaction"] for r in rs])
     met = np.mean([r["sla_met"] for r in rs])
     return f"{cb:8.2f} {cc:9.2f} {sat:8.4f} {met:8.0%} {len(rs):6d}"
@@ -312,18 +330,36 @@ def print_tables(result: dict, out=None) -> None:
                 print(f"  {p:28s} {_row(sel)}", file=out)
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """What would fail only after the whole replay: an output folder that does not exist or cannot
+    be written, and --plot without matplotlib."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ValueError(f"{flag} {path}: the folder {folder} does not exist or is not writable")
+    if args.plot:
+        from .plot import _pyplot
+
+        _pyplot()  # raises ImportError naming the extra to install
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "replay":
-        result = run_replay(args)
-        print_tables(result)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump({k: v for k, v in result.items() if k != "traces"}, fh, indent=1)
-        if args.plot:
-            from .plot import plot_replay
+        try:
+            _check_outputs(args)
+            result = run_replay(args)
+            if args.json:  # first: the tables and the plot cannot lose it
+                with open(args.json, "w", encoding="utf-8") as fh:
+                    json.dump({k: v for k, v in result.items() if k != "traces"}, fh, indent=1)
+            print_tables(result)
+            if args.plot:
+                from .plot import plot_replay
 
-            plot_replay(result, args.plot)
+                plot_replay(result, args.plot)
+        except (OSError, ValueError, ImportError) as e:
+            raise SystemExit(f"slarouter replay: {e}") from None
     return 0
 
 

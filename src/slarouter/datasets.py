@@ -56,18 +56,68 @@ def load_dataset(path: "str | os.PathLike") -> Dataset:
     for p in (meta_path, req_path):
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p} not found: a dataset folder holds meta.json and requests.csv.gz")
-    with open(meta_path, encoding="utf-8") as fh:
-        meta = json.load(fh)
-    models = meta.get("models")
-    if not isinstance(models, list) or not models:
-        raise ValueError(f"{meta_path}: 'models' must be a non-empty list")
-    if not isinstance(meta.get("benchmarks"), dict) or not meta["benchmarks"]:
-        raise ValueError(f"{meta_path}: 'benchmarks' must be a non-empty mapping")
+    meta = _read_meta(meta_path)
+    models = meta["models"]
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     bench: List[str] = []
     prompts: List[str] = []
     sat_rows: List[List[float]] = []
     cost_rows: List[List[float]] = []
+    try:
+        _read_rows(req_path, models, bench, prompts, sat_rows, cost_rows)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # not gzip, truncated, not UTF-8, bad CSV
+        raise ValueError(f"{req_path}: cannot be read as gzip-compressed UTF-8 CSV ({e})") from None
+    benchmark = np.array(bench, dtype=object)
+    unknown = sorted(set(bench) - set(meta["benchmarks"]))
+    if unknown:
+        raise ValueError(f"{req_path}: benchmarks {unknown} are not described in meta.json")
+    present = set(bench)
+    empty = [b for b in meta["benchmarks"] if b not in present]
+    if empty:
+        raise ValueError(f"{req_path}: benchmarks {empty} of meta.json have no rows")
+    return Dataset(
+        name=meta.get("name", os.path.basename(os.path.normpath(path))),
+        path=path,
+        models=list(models),
+        benchmark=benchmark,
+        prompts=prompts,
+        sat=np.asarray(sat_rows, dtype=np.float32).reshape(len(bench), len(models)),
+        cost=np.asarray(cost_rows, dtype=np.float64).reshape(len(bench), len(models)),
+        meta=meta,
+    )
+
+
+def _read_meta(meta_path: str) -> dict:
+    """meta.json, with what the replay relies on checked: ValueError naming what is malformed."""
+    try:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
+    models = meta.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise ValueError(f"{meta_path}: 'models' must be a non-empty list of model names")
+    dup = sorted({m for m in models if models.count(m) > 1})
+    if dup:
+        raise ValueError(f"{meta_path}: 'models' names {dup} more than once")
+    if "name" in meta and not (isinstance(meta["name"], str) and meta["name"]):
+        raise ValueError(f"{meta_path}: 'name' must be a non-empty string")
+    benchmarks = meta.get("benchmarks")
+    if not isinstance(benchmarks, dict) or not benchmarks:
+        raise ValueError(f"{meta_path}: 'benchmarks' must be a non-empty mapping")
+    for b, info in benchmarks.items():
+        levels = info.get("sla_levels") if isinstance(info, dict) else None
+        if not isinstance(levels, list) or not levels or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 < a < 1.0 for a in levels):
+            raise ValueError(f"{meta_path}: benchmark {b!r} needs 'sla_levels', a non-empty list of numbers "
+                             f"in (0, 1), got {levels!r}")
+    return meta
+
+
+def _read_rows(req_path: str, models: List[str], bench: List[str], prompts: List[str],
+               sat_rows: List[List[float]], cost_rows: List[List[float]]) -> None:
     with gzip.open(req_path, "rt", encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         need = ["benchmark", "prompt"] + [f"sat:{m}" for m in models] + [f"cost:{m}" for m in models]
@@ -88,20 +138,6 @@ def load_dataset(path: "str | os.PathLike") -> Dataset:
             prompts.append(row["prompt"])
             sat_rows.append(s)
             cost_rows.append(c)
-    benchmark = np.array(bench, dtype=object)
-    unknown = sorted(set(bench) - set(meta["benchmarks"]))
-    if unknown:
-        raise ValueError(f"{req_path}: benchmarks {unknown} are not described in meta.json")
-    return Dataset(
-        name=meta.get("name", os.path.basename(os.path.normpath(path))),
-        path=path,
-        models=list(models),
-        benchmark=benchmark,
-        prompts=prompts,
-        sat=np.asarray(sat_rows, dtype=np.float32).reshape(len(bench), len(models)),
-        cost=np.asarray(cost_rows, dtype=np.float64).reshape(len(bench), len(models)),
-        meta=meta,
-    )
 
 
 def static_optimum(acc: Sequence[float], cost: Sequence[float], alpha: float) -> Tuple[float, Dict[int, float]]:

@@ -11,6 +11,18 @@ import numpy as np
 __all__ = ["plot_replay"]
 
 
+def _pyplot() -> tuple:
+    """matplotlib's pieces the figure uses, or ImportError naming what to install."""
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib (or pip install slarouter[plot])") from None
+    return colormaps, FigureCanvasAgg, Figure, FuncFormatter, NullFormatter
+
+
 def plot_replay(result: dict, path: "str | os.PathLike") -> None:
     """Write a two-panel PNG of a replay result (what ``slarouter.__main__.run_replay`` returns).
 
@@ -19,13 +31,8 @@ def plot_replay(result: dict, path: "str | os.PathLike") -> None:
     ``"traces"``: first benchmark, protocol, seed, alpha and report rate), with alpha as a line.
     Panel (b) is left empty, with a note, when the result carries no traces (e.g. read from JSON).
     """
-    try:
-        from matplotlib import colormaps
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib (or pip install slarouter[plot])") from None
+    colormaps, FigureCanvasAgg, Figure, FuncFormatter, NullFormatter = _pyplot()
+    from .replay import cost_ratio
 
     runs = result["runs"]
     if not runs:
@@ -43,7 +50,9 @@ def plot_replay(result: dict, path: "str | os.PathLike") -> None:
     # (a) cost / B against SLA-met rate.
     xs = []
     for pol, rs in by_policy.items():
-        x = float(np.mean([r["cost_per_request"] / r["static_optimum_cost"] for r in rs]))
+        x = cost_ratio(rs, "static_optimum_cost")  # runs whose B is 0 (a free model suffices) left out
+        if not np.isfinite(x):
+            continue
         y = float(np.mean([r["sla_met"] for r in rs]))
         xs.append(x)
         ax_a.scatter([x], [y], color=colours[pol], zorder=3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,6 +55,14 @@ class Stream:
 
 def _stable_id(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
+
+
+def cost_ratio(runs: Sequence[dict], key: str) -> float:
+    """The mean of cost / reference (key "static_optimum_cost" or "certified_optimum_cost") over
+    the runs whose reference is not 0 (a free model that meets the SLA makes it 0); NaN when none
+    has one."""
+    v = [r["cost_per_request"] / r[key] for r in runs if r[key] > 0]
+    return float(np.mean(v)) if v else float("nan")
 
 
 def make_stream(ds: Dataset, benchmark: str, protocol: str, seed: int, requests: Optional[int] = None,
