@@ -221,10 +221,10 @@ def test_save_keeps_permissions_and_follows_links(tmp_path):
 STATES = os.path.join(os.path.dirname(__file__), "data", "states")
 
 
-@pytest.mark.parametrize("name", ["state_v2", "state_v3", "state_v4", "state_v5a", "state_v5b"])
+@pytest.mark.parametrize("name", ["state_v2", "state_v3", "state_v4", "state_v5a", "state_v5b", "state_v6"])
 def test_files_written_by_earlier_versions_still_load(tmp_path, name):
-    """Files written by the builds that introduced each earlier format (the commit is in the
-    .json beside each; v5a is format 5 before the recent-failures ring, v5b with it): a dense
+    """Files written by the builds that introduced each format (the commit is in the .json beside
+    each; v5a is format 5 before the recent-failures ring, v5b with it): a dense
     router, its report rate learned from audits. They load whole, into a new router or into one
     of the same configuration, keep routing, and are saved again in today's format."""
     import json

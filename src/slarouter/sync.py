@@ -228,7 +228,7 @@ class PeerSync:
         """Sync now, then every ``interval`` seconds from a daemon thread.
 
         The first sync raises what is wrong with this replica's own setup (a store that cannot
-        be reached, its name in use by another process). Another replica's bad entry
+        be reached or refuses the entry). Another replica's bad entry
         (``PeerEntryError``) does not keep this one from starting: it is logged and kept in
         ``last_error``, as it is in the background, and tried again each interval."""
         if self._thread is not None and self._thread.is_alive():
