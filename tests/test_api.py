@@ -44,10 +44,25 @@ def test_route_text_returns_decision():
 
 
 def test_route_dense_accepts_float_arrays():
-    r = dense_router(4)
-    assert r.route(np.ones(4, np.float32)).request_id == 0
-    assert r.route(np.ones(4, np.float64)).request_id == 1  # converted once to float32
-    assert r.route([0.1, 0.2, 0.3, 0.4]).request_id == 2
+    """float64 arrays and lists are converted to float32 once: twin routers given the float32
+    rows decide alike, state included."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 4)).astype(np.float32)
+
+    def run(convert):
+        r = dense_router(4)
+        out = []
+        for i, x in enumerate(X):
+            d = r.route(convert(x))
+            out.append((d.request_id, d.index))
+            if d.index == 0 and i % 3 == 0:
+                r.complain(d.request_id)
+        return out, r.to_bytes()
+
+    as_float32 = run(lambda x: x)
+    assert run(lambda x: x.astype(np.float64)) == as_float32
+    assert run(lambda x: [float(v) for v in x]) == as_float32
+    assert run(lambda x: x * 0)[1] != as_float32[1]  # the features do reach the router
 
 
 def test_same_seed_same_decisions():
@@ -156,10 +171,26 @@ def test_bad_cost_estimate_changes_nothing(cost, exc, msg):
 
 
 def test_cost_estimate_by_name_or_order():
-    r = text_router()
-    r.route("p", cost=[1.0, 2.0, 3.0])
-    r.route("p", cost={"small": 1.0, "medium": 2.0, "large": 3.0})
-    assert r.stats()["requests"] == 2
+    """A mapping name -> cost is the sequence in model order: twin routers given one or the other
+    decide alike, and the costs matter (the same numbers given to the wrong models do not)."""
+    rng = np.random.default_rng(3)
+    costs = rng.uniform(0.0, 30.0, size=(600, 3))
+
+    def run(form):
+        r = text_router()
+        out = []
+        for i, c in enumerate(costs):
+            c = {"large": c[2], "small": c[0], "medium": c[1]} if form == "mapping" else \
+                list(c[::-1]) if form == "reversed" else list(c)
+            d = r.route(f"prompt {i % 50}", cost=c)
+            out.append(d.index)
+            if d.index == 0 and i % 3 == 0:
+                r.complain(d.request_id)
+        return out, r.to_bytes()
+
+    in_order = run("order")
+    assert run("mapping") == in_order
+    assert run("reversed")[0] != in_order[0]
 
 
 def test_complaint_statuses():
@@ -171,11 +202,11 @@ def test_complaint_statuses():
         r.complain(ids[0])
     with pytest.raises(UnknownRequestError, match="unknown request id 99"):
         r.complain(99)
-    with pytest.raises(UnknownRequestError):
+    with pytest.raises(UnknownRequestError, match="unknown request id -1: this router never issued it"):
         r.complain(-1)
     with pytest.raises(TypeError, match="request_id must be an int"):
         r.complain("0")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="request_id must be an int, got float"):
         r.complain(1.0)
     assert snapshot(r) == before
     for i in range(5):
@@ -207,7 +238,7 @@ def test_audit_and_cost_feedback():
         r.observe_cost(d.request_id, -1.0)
     with pytest.raises(ValueError, match="finite"):
         r.observe_cost(d.request_id, float("nan"))
-    with pytest.raises(UnknownRequestError):
+    with pytest.raises(UnknownRequestError, match="unknown request id 12345"):
         r.audit(12345, True)
     with pytest.raises(ValueError, match="cost must be finite"):
         r.observe_cost(r.route("q").request_id - 1, 10**400)
@@ -244,7 +275,10 @@ def test_stats_shape():
             r.complain(d.request_id)
     s = r.stats()
     assert s["requests"] == 100 and s["complaints"] == 25
-    assert s["queue"] >= 0.0
+    e = r._core.estimates()
+    # The signed deficit is docs/algorithm.md's D = U - (1 - tau) N, and the queue max(0, D).
+    assert s["deficit"] == pytest.approx(e["unsatisfied"] - (1.0 - s["target"]) * s["requests"], rel=1e-9, abs=1e-9)
+    assert s["queue"] == max(0.0, s["deficit"])
     assert 0.0 <= s["satisfaction_low"] <= s["satisfaction"] <= s["satisfaction_high"] <= 1.0
     assert s["margin"] >= 0.0
     assert set(s["models"]) == {"small", "medium", "large"}

@@ -100,8 +100,22 @@ def test_unreadable_files_are_named(tmp_path, capsys):
     (["--json", "/nonexistent-folder/x.json"], "--json /nonexistent-folder/x.json: the folder"),
     (["--plot", "/nonexistent-folder/x.png"], "--plot /nonexistent-folder/x.png: the folder"),
 ])
-def test_bad_options_stop_before_any_run(tmp_path, capsys, extra, message):
+def test_bad_options_stop_before_any_run(tmp_path, capsys, monkeypatch, extra, message):
+    import slarouter.__main__ as cli
+
+    ran = []
+    monkeypatch.setattr(cli, "_run_job", lambda job: ran.append(job))
     assert message in _fails(capsys, _dataset(tmp_path / "ds"), *extra)
+    assert not ran
+
+
+def test_cost_ratio_leaves_out_runs_whose_reference_is_zero():
+    from slarouter.replay import cost_ratio
+
+    runs = [dict(cost_per_request=2.0, static_optimum_cost=1.0), dict(cost_per_request=0.5, static_optimum_cost=0.0),
+            dict(cost_per_request=3.0, static_optimum_cost=2.0)]
+    assert cost_ratio(runs, "static_optimum_cost") == pytest.approx((2.0 + 1.5) / 2)
+    assert cost_ratio(runs[1:2], "static_optimum_cost") != cost_ratio(runs[1:2], "static_optimum_cost")  # NaN
 
 
 def test_repeated_values_count_once_and_a_free_model_leaves_b_at_zero(tmp_path, capsys):

@@ -197,6 +197,8 @@ print("requests", r.stats()["requests"])
     res = _run_child(code)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "requests 63488" in res.stdout
+    reads = int(res.stdout.split("reads ")[1].split()[0])
+    assert reads > 0  # the reader ran while the batches did
 
 
 def test_a_daemon_thread_routing_at_exit_does_not_abort_the_process():

@@ -100,8 +100,11 @@ def test_audits_are_remembered_too():
     d = r.route(x)
     r.audit(d.request_id, False)
     assert r.stats()["failures_remembered"] == 1
-    r.audit(r.route(x).request_id, True)  # a satisfied audit remembers nothing
+    y = np.array([10], np.float32)  # other features: a satisfied audit remembers nothing
+    r.audit(r.route(y).request_id, True)
     assert r.stats()["failures_remembered"] == 1
+    keys, _ = _failures(r.share())
+    assert keys.tolist() == slarouter._core.feature_keys(x.reshape(1, 1)).tolist()
 
 
 def test_the_memory_survives_save_and_load(tmp_path):
@@ -276,7 +279,8 @@ def test_share_lists_the_recent_failures():
     for i in range(3000):
         many.complain(many.route(np.array([float(i)], np.float32)).request_id)
     keys, _ = _failures(many.share())
-    assert len(keys) == 1024 and len(set(keys.tolist())) == 1024
+    X = np.arange(3000, dtype=np.float32).reshape(-1, 1)
+    assert keys.tolist() == slarouter._core.feature_keys(X[-1024:]).tolist()
 
 
 def test_failures_shared_by_several_peers_count_once():

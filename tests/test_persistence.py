@@ -49,11 +49,18 @@ def test_pickle_round_trip():
 
 
 def test_save_is_atomic_and_leaves_no_temporary(tmp_path):
+    """A save replaces the file by a rename, never writes into it: a reader that opened the old
+    file keeps reading the old state whole, and no temporary file is left."""
     a = Router(MODELS, 0.7)
     path = tmp_path / "r.slr"
     a.save(path)
-    a.route("x")
-    a.save(path)  # overwrite in place
+    old = path.read_bytes()
+    inode = os.stat(path).st_ino
+    with open(path, "rb") as reader:
+        a.route("x")
+        a.save(path)  # overwrite
+        assert reader.read() == old
+    assert os.stat(path).st_ino != inode
     assert sorted(os.listdir(tmp_path)) == ["r.slr"]
     assert Router.load(path).stats()["requests"] == 1
 
@@ -91,18 +98,25 @@ def corrupt_variants(data):
     yield "appended", data + b"\x00"
 
 
-@pytest.mark.parametrize("kind", ["truncated", "empty", "flipped", "magic", "version", "appended"])
-def test_corrupt_state_files_are_refused(tmp_path, kind):
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "sizes do not add up"),
+    ("empty", "truncated state file"),
+    ("flipped", "checksum mismatch"),
+    ("magic", "bad magic"),
+    ("version", "version 99 is not supported"),
+    ("appended", "sizes do not add up"),
+])
+def test_corrupt_state_files_are_refused(tmp_path, kind, message):
     a = Router(MODELS, 0.7, report_rate=0.3)
     drive(a, 50)
     data = dict(corrupt_variants(a.to_bytes()))[kind]
     path = tmp_path / "bad.slr"
     path.write_bytes(data)
-    with pytest.raises(StateFileError):
+    with pytest.raises(StateFileError, match=message):
         Router.load(path)
     b = Router(MODELS, 0.7, report_rate=0.3)
     before = b.to_bytes()
-    with pytest.raises(StateFileError):
+    with pytest.raises(StateFileError, match=message):
         b.load_state(path)
     assert b.to_bytes() == before
 
