@@ -42,6 +42,21 @@ def embeddings(n: int, d: int, seed: int = 0) -> np.ndarray:
     return X
 
 
+def require_cuda(script: str) -> None:
+    """Exit with one line unless CuPy imports and sees a CUDA device (the GPU scripts need both)."""
+    try:
+        import cupy
+    except ImportError:
+        raise SystemExit(f"{script} needs CuPy and a CUDA device: pip install cupy-cuda12x (DEVELOPERS.md, "
+                         "'GPU check')") from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, or CuPy built for another CUDA
+        raise SystemExit(f"{script} needs a CUDA device; CuPy found none ({type(e).__name__}: {e})") from None
+    if n < 1:
+        raise SystemExit(f"{script} needs a CUDA device; CuPy found none")
+
+
 def device_batch(xp, B: int, d: int):
     """B unit-norm float32 rows of dimension d as an ``xp`` (CuPy) array: 65,536 distinct rows,
     repeated (the GPU benchmarks)."""

@@ -1,6 +1,6 @@
 """The GPU check: run the GPU tests, then measure route_batch on the device (DEVELOPERS.md, "GPU check").
 
-    python bench/gpu_check.py [--batch 1048576] [--dim 384] [--models 16] [--calls 10] [--json FILE]
+    python bench/gpu_check.py [--batch 1048576] [--dim 384] [--models 16] [--calls 10] [--skip-tests] [--json FILE]
 
 Needs an NVIDIA GPU, CuPy (``pip install cupy-cuda12x``) and Numba's CUDA target with libNVVM (a
 CUDA toolkit under CUDA_HOME or /usr/local/cuda, or ``pip install "numba-cuda[cu12]"``). It
@@ -139,13 +139,14 @@ def _measure_path(cupy, X, K, calls, memory):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=2**20)
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--models", type=int, default=16)
-    p.add_argument("--calls", type=int, default=10)
-    p.add_argument("--skip-tests", action="store_true")
-    p.add_argument("--json", default=None)
+    p.add_argument("--batch", type=int, default=2**20, help="rows a batch (default 2^20)")
+    p.add_argument("--dim", type=int, default=384, help="features a row (default 384)")
+    p.add_argument("--models", type=int, default=16, help="models of the router (default 16)")
+    p.add_argument("--calls", type=int, default=10, help="timed calls (default 10)")
+    p.add_argument("--skip-tests", action="store_true", help="time only, without running the GPU tests first")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    cm.require_cuda("bench/gpu_check.py")
     if not args.skip_tests:
         run_tests()
     res = measure(args.batch, args.dim, args.models, args.calls)

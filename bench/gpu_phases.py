@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", type=int, default=16)
     p.add_argument("--calls", type=int, default=5)
     args = p.parse_args(argv)
+    cm.require_cuda("bench/gpu_phases.py")
 
     import cupy
     from numba import cuda

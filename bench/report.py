@@ -109,7 +109,12 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
     rows = []
     # Blocks of consecutive batches long enough (tens of milliseconds) that both sides' threads
     # run as they do in a sustained stream of batches, not woken afresh for each.
-    for B, calls in ((64, 4000), (4096, 160), (65536, 12)):
+    # A batch longer than the feedback window (1,024) closes its first B - window rows within
+    # itself, silent, so a stream of such batches drifts to serving one model (docs/algorithm.md,
+    # "Batches"; docs/replay.md). Those sizes are timed twice: each batch from a copy of the
+    # steady, mixing state (restored untimed), and as a stream of such batches.
+    for B, calls, restore in ((64, 4000, False), (4096, 160, True), (4096, 160, False), (65536, 12, True),
+                              (65536, 12, False)):
         if quick:
             calls = max(3, calls // 10)
         X = cm.embeddings(B, d, seed=B)
@@ -121,6 +126,7 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
 
         for b, f in feeds.items():
             f.router.route_batch(X[:64], backend=b.split()[0])  # compiles the Numba kernel
+        mixing = {b: f.router.to_bytes() for b, f in feeds.items()}
         t = {"numpy": [], "cpu": [], "cpu 1t": [], "numba": []}
         regimes = {b: [] for b in feeds}
         ns = time.perf_counter_ns
@@ -132,7 +138,9 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
                 call(b, r)  # untimed: the block starts warm
                 per = np.empty(calls // rounds or 1, dtype=np.int64)
                 for c in range(per.size):
-                    if c == 0:
+                    if restore:
+                        r = f.router = slarouter.Router.from_bytes(mixing[b])
+                    if c == 0 or restore:
                         regimes[b].append(cm.plan_regime(r))
                     t0 = ns()
                     ids, models = call(b, r)
@@ -147,14 +155,14 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
                 cm.numpy_batch(W, X)
                 per[c] = ns() - t0
             t["numpy"].append(per)
-        row = {"B": B, "d": d, "K": K}
+        row = {"B": B, "d": d, "K": K, "state": "the steady mix, restored" if restore else "a stream of batches"}
         for b in t:
             s = cm.summary(t[b], overhead)
             s["decisions_per_s"] = B / (s["median_us"] * 1e-6)
             row[b] = s
         row["regimes"] = {b: sorted(set(v)) for b, v in regimes.items()}
         rows.append(row)
-        print(f"  throughput B={B}: done", file=sys.stderr)
+        print(f"  throughput B={B} ({row['state']}): done", file=sys.stderr)
     return rows
 
 
@@ -311,19 +319,21 @@ def fmt_table(res: dict) -> str:
     L.append("### route_batch, d = 384, K = 16 (decisions per second from the median batch time; "
              "ratio: against NumPy's X @ W.T + argmin)")
     L.append("")
-    L.append("| B | NumPy | cpu | cpu, 1 thread | numba | cpu / NumPy | cpu 1 thread / NumPy | numba / NumPy "
-             "| median batch time cpu, cpu 1 thread, numba, NumPy (us) | p99 batch time, same order (us) |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| B | timed from | NumPy | cpu | cpu, 1 thread | numba | cpu / NumPy | cpu 1 thread / NumPy "
+             "| numba / NumPy | median batch time cpu, cpu 1 thread, numba, NumPy (us) | p99 batch time, same order (us) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["throughput"]:
         n, c, c1, b = r["numpy"], r["cpu"], r["cpu 1t"], r["numba"]
         rate = lambda x: x["decisions_per_s"] / n["decisions_per_s"]  # noqa: E731
-        L.append(f"| {r['B']} | {n['decisions_per_s']:.3g} | {c['decisions_per_s']:.3g} | {c1['decisions_per_s']:.3g} "
+        L.append(f"| {r['B']} | {r.get('state', '')} | {n['decisions_per_s']:.3g} | {c['decisions_per_s']:.3g} | {c1['decisions_per_s']:.3g} "
                  f"| {b['decisions_per_s']:.3g} | {rate(c):.2f} | {rate(c1):.2f} | {rate(b):.2f} "
                  f"| {c['median_us']:.0f}, {c1['median_us']:.0f}, {b['median_us']:.0f}, {n['median_us']:.0f} "
                  f"| {c['p99_us']:.0f}, {c1['p99_us']:.0f}, {b['p99_us']:.0f}, {n['p99_us']:.0f} |")
     L.append("")
-    regs = sorted({g for r in res["throughput"] for v in r["regimes"].values() for g in v})
-    L.append("Router's rule at the timed batches: " + "; ".join(regs) + ".")
+    for r in res["throughput"]:
+        regs = sorted({g for v in r["regimes"].values() for g in v})
+        L.append(f"Router's rule at the timed batches, B = {r['B']}, {r.get('state', '')}: " + "; ".join(regs) + ".")
+        L.append("")
     L.append("")
     L.append("### Learning peers, K = 16, per request (us; ratio: peer mean / slarouter mean)")
     L.append("")
