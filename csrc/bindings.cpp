@@ -52,6 +52,22 @@ using Int64Array = py::array_t<std::int64_t, py::array::c_style>;
 
 namespace {
 
+py::dict counters_dict(const Router::Counters& c) {
+    py::dict d;
+    d["requests"] = c.requests;
+    d["complaints"] = c.complaints;
+    d["late_complaints"] = c.late_complaints;
+    d["audits"] = c.audits;
+    d["explored"] = c.explored;
+    d["audited_unsatisfied"] = c.audited_unsatisfied;
+    d["audited_unsatisfied_complained"] = c.audited_unsatisfied_complained;
+    d["failures_remembered"] = c.failures_remembered;
+    d["served"] = c.served;
+    d["complaints_per_model"] = c.complaints_per_model;
+    d["audits_per_model"] = c.audits_per_model;
+    return d;
+}
+
 py::dict estimates_dict(const Estimates& e) {
     py::dict d;
     d["rho"] = e.rho;
@@ -773,22 +789,11 @@ PYBIND11_MODULE(_core, m) {
                                                 py::array_t<std::int32_t>(nf, models.data()));
                  return d;
              })
-        .def("merge_failures",
-             [](PyRouter& r, py::array_t<std::uint64_t, py::array::c_style> keys, Int32Array models) {
-                 if (keys.ndim() != 1 || models.ndim() != 1 || keys.shape(0) != models.shape(0))
-                     throw std::invalid_argument("merge_failures: keys and models must be 1-D of one length");
-                 without_gil([&] { r.merge_failures(keys.data(), models.data(), keys.shape(0)); });
-             },
-             py::arg("keys"), py::arg("models"))
-        .def("peer_counts",
-             [](const PyRouter& r) {
-                 const auto c = without_gil([&] { return r.peer_counts(); });
-                 return py::make_tuple(c.first, c.second);
-             })
         .def("set_peers",
              [](PyRouter& r, double n, double unsat, double var, std::vector<std::vector<double>> exposure,
                 std::vector<double> complaints, std::vector<double> audits, std::vector<double> audits_sat,
-                double rho_n, double rho_c, double rho_s, double rho_s2) {
+                double rho_n, double rho_c, double rho_s, double rho_s2,
+                py::array_t<std::uint64_t, py::array::c_style> fail_keys, Int32Array fail_models) {
                  Peers p;
                  p.n = n;
                  p.unsat = unsat;
@@ -802,28 +807,22 @@ PYBIND11_MODULE(_core, m) {
                  p.complaints = std::move(complaints);
                  p.audits = std::move(audits);
                  p.audits_sat = std::move(audits_sat);
+                 if (fail_keys.ndim() != 1 || fail_models.ndim() != 1 || fail_keys.shape(0) != fail_models.shape(0))
+                     throw std::invalid_argument("peers: failure keys and models must be 1-D of one length");
                  ReleaseGil nogil;
-                 r.set_peers(p);
+                 r.set_peers(p, fail_keys.data(), fail_models.data(), fail_keys.shape(0));
              },
              py::arg("requests"), py::arg("unsatisfied"), py::arg("variance"), py::arg("exposure"),
              py::arg("complaints"), py::arg("audits"), py::arg("audits_satisfied"), py::arg("audited_unsatisfied"),
-             py::arg("audited_unsatisfied_complained"), py::arg("rho_sensitivity"), py::arg("rho_sensitivity_squares"))
-        .def("counters",
+             py::arg("audited_unsatisfied_complained"), py::arg("rho_sensitivity"), py::arg("rho_sensitivity_squares"),
+             py::arg("failure_keys") = py::array_t<std::uint64_t, py::array::c_style>(0),
+             py::arg("failure_models") = Int32Array(0))
+        .def("counters", [](const PyRouter& r) { return counters_dict(without_gil([&] { return r.counters(); })); })
+        .def("snapshot",
              [](const PyRouter& r) {
-                 const auto c = without_gil([&] { return r.counters(); });
-                 py::dict d;
-                 d["requests"] = c.requests;
-                 d["complaints"] = c.complaints;
-                 d["late_complaints"] = c.late_complaints;
-                 d["audits"] = c.audits;
-                 d["explored"] = c.explored;
-                 d["audited_unsatisfied"] = c.audited_unsatisfied;
-                 d["audited_unsatisfied_complained"] = c.audited_unsatisfied_complained;
-                 d["failures_remembered"] = c.failures_remembered;
-                 d["served"] = c.served;
-                 d["complaints_per_model"] = c.complaints_per_model;
-                 d["audits_per_model"] = c.audits_per_model;
-                 return d;
+                 const Router::Snapshot sn = without_gil([&] { return r.snapshot(); });
+                 return py::make_tuple(counters_dict(sn.counters), estimates_dict(sn.estimates),
+                                       py::make_tuple(sn.peer_n, sn.peer_unsat));
              })
         .def("save_state", [](const PyRouter& r) { return py::bytes(without_gil([&] { return r.save_state(); })); })
         .def("load_state",

@@ -218,3 +218,92 @@ time.sleep(0.3)
     for _ in range(3):
         res = _run_child(code, timeout=60)
         assert res.returncode == 0, res.stderr
+
+
+def test_stats_is_one_moment_while_other_threads_route():
+    """stats() reads its counters, estimates and peers under one hold of the lock: with every
+    request complained about, a satisfaction computed from a request count and an unsatisfied
+    count of different moments falls outside [0, 1] or outside its own interval."""
+    r = Router([("a", 1.0), ("b", 2.0)], 0.9, report_rate=1.0, features=4, feedback_window=32)
+    x = np.ones(4, dtype=np.float32)
+    for _ in range(50):
+        r.complain(r.route(x).request_id)
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            r.complain(r.route(x).request_id)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    bad, n, t0 = [], 0, time.time()
+    try:
+        while time.time() - t0 < 3:
+            s = r.stats()
+            n += 1
+            if not (0.0 <= s["satisfaction_low"] <= s["satisfaction"] <= s["satisfaction_high"] <= 1.0):
+                bad.append(s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert n > 1000 and not bad, bad[:1]
+
+
+def test_set_peers_sets_the_evidence_and_the_failures_at_once():
+    """No other call sees a router with its new peers but without their remembered failures."""
+    M = [("a", 1.0), ("b", 2.0)]
+    kw = dict(report_rate=1.0, features=4, feedback_window=32)
+    peer = Router(M, 0.9, seed=1, **kw)
+    rng = np.random.default_rng(0)
+    for _ in range(1000):
+        peer.complain(peer.route(rng.standard_normal(4).astype(np.float32)).request_id)
+    share = peer.share()
+    torn = seen = 0
+    for _ in range(150):
+        r = Router(M, 0.9, **kw)
+        t = threading.Thread(target=r.set_peers, args=([share],))
+        t.start()
+        while True:
+            s = Router.from_bytes(r.to_bytes()).stats()
+            if s["whole_stream"]["requests"] > s["requests"]:
+                seen += 1
+                torn += s["failures_remembered"] == 0
+                break
+            if not t.is_alive():
+                break
+        t.join()
+    assert seen > 0 and torn == 0
+
+
+def test_numba_batches_from_two_threads_under_the_workqueue_layer():
+    """Numba's "workqueue" threading layer (its fallback where neither TBB nor OpenMP loads)
+    aborts the process when two threads launch parallel kernels at once; the Numba backend then
+    runs its batches one at a time."""
+    code = """
+import threading
+import numpy as np
+from slarouter import Router
+import numba
+routers = [Router([("a", 1.0), ("b", 3.0)], 0.8, report_rate=0.5, features=16, feedback_window=256, seed=s)
+           for s in range(2)]
+X = np.random.default_rng(0).standard_normal((4000, 16)).astype(np.float32)
+def run(r):
+    for _ in range(60):
+        r.route_batch(X, backend="numba")
+threads = [threading.Thread(target=run, args=(routers[i % 2],)) for i in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("layer", numba.threading_layer(), "requests", sum(r.stats()["requests"] for r in routers))
+"""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, NUMBA_THREADING_LAYER="workqueue"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "layer workqueue requests 720000" in res.stdout

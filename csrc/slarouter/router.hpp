@@ -459,10 +459,16 @@ public:
     // Replaces the peers' evidence (the sum over the other replicas of their share()) and
     // recomputes the estimates, so that the next decision uses it. Checked first: a bad value
     // changes nothing.
-    void set_peers(const Peers& p) {
+    // The peers' recent failures (n keys and models, from their shares) join the failure memory
+    // in the same hold of the lock, so no other call sees the peers without them.
+    void set_peers(const Peers& p, const std::uint64_t* keys = nullptr, const std::int32_t* models = nullptr,
+                   std::int64_t n = 0) {
         check_peers(p, "peers");
+        check_failures(keys, models, n);
         std::lock_guard<std::mutex> lock(mu_);
         peers_ = p;
+        if (cfg_.memory > 0)
+            for (std::int64_t i = 0; i < n; ++i) set_failure(keys[i], models[i]);
         refresh_in_use_locked();
     }
 
@@ -490,12 +496,6 @@ public:
         if (p.rho_n > audits * (1.0 + 1e-12)) fail("more audited-unsatisfied requests than audits");
     }
 
-    // The peers' request count and estimated unsatisfied count, as last set.
-    std::pair<double, double> peer_counts() const {
-        std::lock_guard<std::mutex> lock(mu_);
-        return {peers_.n, peers_.unsat};
-    }
-
     // ---- introspection --------------------------------------------------------------------
     // Fresh estimates from the current state (does not change the state).
     Estimates estimates() const {
@@ -519,6 +519,22 @@ public:
     std::int64_t requests() const {
         std::lock_guard<std::mutex> lock(mu_);
         return t_;
+    }
+
+    // counters(), estimates() and the peers' request and unsatisfied counts under one hold of the
+    // lock, so that what is built from them (stats()) describes one moment.
+    struct Snapshot {
+        Counters counters;
+        Estimates estimates;
+        double peer_n = 0.0, peer_unsat = 0.0;
+    };
+    Snapshot snapshot() const {
+        std::lock_guard<std::mutex> lock(mu_);
+        Snapshot sn{Counters{t_, complaints_total_, late_complaints_, audits_total_, explored_, rho_n_, rho_c_,
+                             failures_remembered(), served_, complaints_, audits_},
+                    Estimates{}, peers_.n, peers_.unsat};
+        refresh_locked(sn.estimates);
+        return sn;
     }
 
     // ---- state (de)serialisation -----------------------------------------------------------
@@ -1722,17 +1738,14 @@ public:
 
     // The other replicas' recent failures (set_peers), added to the memory. Keys must be nonzero
     // and models in range (checked here before anything changes).
-    void merge_failures(const std::uint64_t* keys, const std::int32_t* models, std::int64_t n) {
+    // Entries of the failure memory in use.
+    std::int64_t failures_remembered() const { return mem_used_; }
+
+    void check_failures(const std::uint64_t* keys, const std::int32_t* models, std::int64_t n) const {
         for (std::int64_t i = 0; i < n; ++i)
             if (keys[i] == 0 || models[i] < 0 || models[i] >= cfg_.n_models)
                 throw std::invalid_argument("a shared failure has a zero key or no valid model");
-        std::lock_guard<std::mutex> lock(mu_);
-        if (cfg_.memory <= 0) return;
-        for (std::int64_t i = 0; i < n; ++i) set_failure(keys[i], models[i]);
     }
-
-    // Entries of the failure memory in use.
-    std::int64_t failures_remembered() const { return mem_used_; }
 
 private:
     int plan_row(const Plan& p, const FeatureView& f, const double* cost, double u1, double u2,

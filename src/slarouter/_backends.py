@@ -6,6 +6,8 @@ GPU without CuPy or without a device raises; there is never a silent fallback to
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Mapping, Set as AbstractSet
 from typing import Any, Optional, Tuple
 
@@ -144,16 +146,34 @@ def route_batch(router: Any, X: Any, cost: Any, out: Any, backend: str, threads:
         return _empty(o)
     if which == "cpu":
         return core.route_batch(Xa, c, o, threads)  # checks that X is finite, without a temporary
-    if threads == 0:
-        return _route_batch_numba(router, Xa, c, o)
+    with _numba_parallel():
+        if threads == 0:
+            return _route_batch_numba(router, Xa, c, o)
+        import numba
+
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # this thread's later loops
+        try:
+            return _route_batch_numba(router, Xa, c, o)
+        finally:
+            numba.set_num_threads(before)
+
+
+_WORKQUEUE = threading.Lock()
+
+
+def _numba_parallel():
+    """What the Numba backend's parallel kernels run under: nothing, or, with Numba's "workqueue"
+    threading layer (its fallback where neither TBB nor OpenMP can be loaded), which aborts the
+    process when two threads launch parallel kernels at once, a process-wide lock. Before the
+    first parallel kernel the layer is not chosen yet, and the lock is taken."""
     import numba
 
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # this thread's later loops
     try:
-        return _route_batch_numba(router, Xa, c, o)
-    finally:
-        numba.set_num_threads(before)
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    return _WORKQUEUE if layer in (None, "workqueue") else contextlib.nullcontext()
 
 
 def _empty(out: Optional[Tuple[Any, Any]]) -> Tuple[Any, Any]:
@@ -171,8 +191,8 @@ def _route_batch_numba(router: Any, X: np.ndarray, cost: Optional[np.ndarray], o
     ids, models = out if out is not None else (np.empty(B, np.int64), np.empty(B, np.int32))
     explored = np.empty(B, np.uint8)
     cfg = router._cfg
-    plan = core.batch_begin(B)
     try:
+        plan = core.batch_begin(B)  # holds the router's lock until batch_commit or batch_abort
         has_cost = cost is not None
         kn._route_rows(X, cost if has_cost else np.zeros((1, 1)), has_cost, plan["regime"], plan["model"], plan["eps"],
                       plan["cand"], plan["i"], plan["j"], plan["w"], plan["tilt"], plan["beta"], plan["lambda0"],

@@ -91,8 +91,8 @@ def _route(router, cp, X, cost, ids, models, explored):
     B = X.shape[0]
     n_inner = max(0, B - cfg.window)  # rows that close within the batch
     learn = n_inner > 0 and cfg.lr > 0
-    plan = core.batch_begin(B)  # holds the router's lock until batch_commit or batch_abort
     try:
+        plan = core.batch_begin(B)  # holds the router's lock until batch_commit or batch_abort
         i, j, w, tilt, beta = plan["i"], plan["j"], plan["w"], plan["tilt"], plan["beta"]
         tilted = plan["regime"] == 2 and 0.0 < w < 1.0 and tilt > 0.0
         # The dot products the rows need, in one cuBLAS product.

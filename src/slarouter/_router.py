@@ -10,6 +10,7 @@ import numbers
 import os
 import secrets
 import struct
+import threading
 import zlib
 from statistics import NormalDist
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -385,6 +386,7 @@ class Router:
             setattr(cfg, key, value)
         self._cfg = cfg
         self._instance = secrets.token_hex(8)  # tells this router's share from others' (not saved)
+        self._save_lock = threading.Lock()
         self._bind(_core.Router(cfg, list(names), Decision, UnknownRequestError, DuplicateFeedbackError,
                                 _feature_checker(dim), _cost_checker(self._names)))
 
@@ -490,8 +492,7 @@ class Router:
     # ------------------------------------------------------------------ introspection
     def stats(self) -> Dict[str, Any]:
         """Counters and estimates: traffic, complaints, queue, margin, satisfaction, per model."""
-        c = self._core.counters()
-        e = self._core.estimates()
+        c, e, (pn, pu) = self._core.snapshot()  # one moment's counters, estimates and peers
         n = c["requests"]
         zc = NormalDist().inv_cdf(0.5 + self._config["confidence"] / 2)
         if n > 0:
@@ -535,7 +536,7 @@ class Router:
             "satisfaction_low": sat_low,
             "satisfaction_high": sat_high,
             "confidence": self._config["confidence"],
-            "whole_stream": self._whole_stream(n, e["unsatisfied"]),
+            "whole_stream": self._whole_stream(n, e["unsatisfied"], pn, pu),
             "models": models,
         }
 
@@ -664,12 +665,12 @@ class Router:
         self._core.set_peers(total["requests"], total["unsatisfied"], total["variance"],
                              [vec(exposure[t]) for t in range(3)], vec(per["complaints"]), vec(per["audits"]),
                              vec(per["audits_satisfied"]), total["audited_unsatisfied"],
-                             total["audited_unsatisfied_complained"], total["rho_sensitivity"], rho_s2)
-        if fail_keys:
-            self._core.merge_failures(np.concatenate(fail_keys), np.concatenate(fail_models))
+                             total["audited_unsatisfied_complained"], total["rho_sensitivity"], rho_s2,
+                             np.concatenate(fail_keys) if fail_keys else np.zeros(0, np.uint64),
+                             np.concatenate(fail_models).astype(np.int32) if fail_keys else np.zeros(0, np.int32))
 
-    def _whole_stream(self, n: int, unsat: float) -> Dict[str, float]:
-        pn, pu = self._core.peer_counts()
+    @staticmethod
+    def _whole_stream(n: int, unsat: float, pn: float, pu: float) -> Dict[str, float]:
         total = n + pn
         return {"requests": total, "satisfaction": 1.0 - (unsat + pu) / total if total > 0 else float("nan")}
 
@@ -744,8 +745,12 @@ class Router:
             raise StateFileError(f"{source}: {exc}") from None
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the router to ``path`` atomically (a temporary file, fsync, then a rename)."""
-        write_atomically(os.fspath(path), self.to_bytes(), prefix=".slarouter-", durable=True)
+        """Write the router to ``path`` atomically (a temporary file, fsync, then a rename).
+
+        Saves of one router from several threads are serialised, so the file ends with the state
+        of the save that returned last."""
+        with self._save_lock:
+            write_atomically(os.fspath(path), self.to_bytes(), prefix=".slarouter-", durable=True)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Router":
