@@ -58,17 +58,28 @@ def check_dense(X: Any, dim: int, xp=np) -> Any:
         raise TypeError(f"X must be a floating-point array, got dtype {X.dtype}")
     if X.ndim != 2 or X.shape[1] != dim:
         raise ValueError(f"X must have shape (B, {dim}), got {tuple(X.shape)}")
-    if X.dtype.itemsize <= 4:
-        return xp.ascontiguousarray(X, dtype=xp.float32)
-    with np.errstate(over="ignore"):
-        Y = xp.ascontiguousarray(X, dtype=xp.float32)
-    if not bool(xp.isfinite(Y).all()) and bool(xp.isfinite(X).all()):
-        raise ValueError(f"X holds finite values beyond float32's range (+-{FLOAT32_MAX:.4g}); the router "
-                         "scores float32 features")
-    return Y
+    return as_float32(X, "X", xp)
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+def as_float32(a: Any, what: str, xp=np) -> Any:
+    """``a`` (a floating-point array) as a C-contiguous float32 array, the features the router
+    scores; a finite value beyond float32's range, which the cast would make infinite, raises
+    ValueError naming ``what``. NumPy flags the overflow in the cast itself; on CuPy the two
+    arrays are compared."""
+    if a.dtype.itemsize <= 4:
+        return xp.ascontiguousarray(a, dtype=xp.float32)
+    if xp is np:
+        try:
+            with np.errstate(over="raise"):
+                return np.ascontiguousarray(a, dtype=np.float32)
+        except FloatingPointError:
+            pass
+    else:
+        y = xp.ascontiguousarray(a, dtype=xp.float32)
+        if bool(xp.isfinite(y).all()) or not bool(xp.isfinite(a).all()):
+            return y
+    raise ValueError(f"{what} holds finite values beyond float32's range (+-{float(np.finfo(np.float32).max):.4g}); "
+                     "the router scores float32 features")
 
 
 def check_text(X: Any) -> list:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 
 import numpy as np
 
-from . import _core, _defaults
+from . import _backends, _core, _defaults
 from .errors import DuplicateFeedbackError, StateFileError, UnknownRequestError
 
 __all__ = ["Model", "Decision", "Router"]
@@ -197,12 +197,8 @@ def _feature_checker(dim: int):
             raise TypeError(f"x must be a floating-point array, got dtype {arr.dtype}")
         if arr.ndim != 1 or arr.shape[0] != dim:
             raise ValueError(f"x must have shape ({dim},), got {arr.shape}")
-        with np.errstate(over="ignore"):
-            x32 = np.ascontiguousarray(arr, dtype=np.float32)
+        x32 = _backends.as_float32(arr, "x")
         if not np.isfinite(x32).all():
-            if np.isfinite(arr).all():
-                raise ValueError(f"x holds finite values beyond float32's range (+-{float(np.finfo(np.float32).max):.4g}); "
-                                 "the router scores float32 features")
             raise ValueError("x contains NaN or infinite values")
         return x32
 
@@ -476,8 +472,6 @@ class Router:
         the calling thread, e.g. in a server that runs its own pool; the GPU ignores it); the
         results never depend on it.
         """
-        from . import _backends
-
         if not _is_int(threads) or not 0 <= threads < 2**31:
             raise ValueError(f"threads must be an int >= 0 (0: one per core), got {threads!r}")
         return _backends.route_batch(self, X, cost, out, backend, int(threads))
@@ -485,8 +479,6 @@ class Router:
     def complain_batch(self, request_ids: Any) -> np.ndarray:
         """Complaints for many requests. Every id is checked first: an unknown id or a duplicate
         raises and nothing is applied. Returns a bool array: True applied, False window closed."""
-        from . import _backends
-
         return _backends.complain_batch(self, request_ids)
 
     # ------------------------------------------------------------------ introspection
