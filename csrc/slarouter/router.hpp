@@ -457,10 +457,9 @@ public:
     }
 
     // Replaces the peers' evidence (the sum over the other replicas of their share()) and
-    // recomputes the estimates, so that the next decision uses it. Checked first: a bad value
-    // changes nothing.
-    // The peers' recent failures (n keys and models, from their shares) join the failure memory
-    // in the same hold of the lock, so no other call sees the peers without them.
+    // recomputes the estimates, so that the next decision uses it; the peers' recent failures (n
+    // keys and models, from their shares) join the failure memory in the same hold of the lock,
+    // so no other call sees the peers without them. Checked first: a bad value changes nothing.
     void set_peers(const Peers& p, const std::uint64_t* keys = nullptr, const std::int32_t* models = nullptr,
                    std::int64_t n = 0) {
         check_peers(p, "peers");
@@ -512,8 +511,7 @@ public:
     };
     Counters counters() const {
         std::lock_guard<std::mutex> lock(mu_);
-        return Counters{t_, complaints_total_, late_complaints_, audits_total_, explored_, rho_n_, rho_c_,
-                        failures_remembered(), served_, complaints_, audits_};
+        return counters_locked();
     }
 
     std::int64_t requests() const {
@@ -530,9 +528,7 @@ public:
     };
     Snapshot snapshot() const {
         std::lock_guard<std::mutex> lock(mu_);
-        Snapshot sn{Counters{t_, complaints_total_, late_complaints_, audits_total_, explored_, rho_n_, rho_c_,
-                             failures_remembered(), served_, complaints_, audits_},
-                    Estimates{}, peers_.n, peers_.unsat};
+        Snapshot sn{counters_locked(), Estimates{}, peers_.n, peers_.unsat};
         refresh_locked(sn.estimates);
         return sn;
     }
@@ -1736,15 +1732,19 @@ public:
         }
     }
 
-    // The other replicas' recent failures (set_peers), added to the memory. Keys must be nonzero
-    // and models in range (checked here before anything changes).
     // Entries of the failure memory in use.
     std::int64_t failures_remembered() const { return mem_used_; }
 
+    // The other replicas' recent failures (set_peers): keys must be nonzero and models in range.
     void check_failures(const std::uint64_t* keys, const std::int32_t* models, std::int64_t n) const {
         for (std::int64_t i = 0; i < n; ++i)
             if (keys[i] == 0 || models[i] < 0 || models[i] >= cfg_.n_models)
                 throw std::invalid_argument("a shared failure has a zero key or no valid model");
+    }
+
+    Counters counters_locked() const {
+        return Counters{t_, complaints_total_, late_complaints_, audits_total_, explored_, rho_n_, rho_c_,
+                        failures_remembered(), served_, complaints_, audits_};
     }
 
 private:
