@@ -126,7 +126,7 @@ def throughput(quick: bool, overhead: float) -> List[dict]:
 
         for b, f in feeds.items():
             f.router.route_batch(X[:64], backend=b.split()[0])  # compiles the Numba kernel
-        mixing = {b: f.router.to_bytes() for b, f in feeds.items()}
+        mixing = {b: f.router.to_bytes() for b, f in feeds.items()} if restore else {}
         t = {"numpy": [], "cpu": [], "cpu 1t": [], "numba": []}
         regimes = {b: [] for b in feeds}
         ns = time.perf_counter_ns

@@ -59,19 +59,15 @@ def load_dataset(path: "str | os.PathLike") -> Dataset:
     meta = _read_meta(meta_path)
     models = meta["models"]
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    bench: List[str] = []
-    prompts: List[str] = []
-    sat_rows: List[List[float]] = []
-    cost_rows: List[List[float]] = []
     try:
-        _read_rows(req_path, models, bench, prompts, sat_rows, cost_rows)
+        bench, prompts, sat_rows, cost_rows = _read_rows(req_path, models)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # not gzip, truncated, not UTF-8, bad CSV
         raise ValueError(f"{req_path}: cannot be read as gzip-compressed UTF-8 CSV ({e})") from None
     benchmark = np.array(bench, dtype=object)
-    unknown = sorted(set(bench) - set(meta["benchmarks"]))
+    present = set(bench)
+    unknown = sorted(present - set(meta["benchmarks"]))
     if unknown:
         raise ValueError(f"{req_path}: benchmarks {unknown} are not described in meta.json")
-    present = set(bench)
     empty = [b for b in meta["benchmarks"] if b not in present]
     if empty:
         raise ValueError(f"{req_path}: benchmarks {empty} of meta.json have no rows")
@@ -116,8 +112,12 @@ def _read_meta(meta_path: str) -> dict:
     return meta
 
 
-def _read_rows(req_path: str, models: List[str], bench: List[str], prompts: List[str],
-               sat_rows: List[List[float]], cost_rows: List[List[float]]) -> None:
+def _read_rows(req_path: str, models: List[str]) -> Tuple[List[str], List[str], List[List[float]], List[List[float]]]:
+    """Each row's benchmark, prompt, satisfaction and cost per model, checked."""
+    bench: List[str] = []
+    prompts: List[str] = []
+    sat_rows: List[List[float]] = []
+    cost_rows: List[List[float]] = []
     with gzip.open(req_path, "rt", encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         need = ["benchmark", "prompt"] + [f"sat:{m}" for m in models] + [f"cost:{m}" for m in models]
@@ -138,6 +138,7 @@ def _read_rows(req_path: str, models: List[str], bench: List[str], prompts: List
             prompts.append(row["prompt"])
             sat_rows.append(s)
             cost_rows.append(c)
+    return bench, prompts, sat_rows, cost_rows
 
 
 def static_optimum(acc: Sequence[float], cost: Sequence[float], alpha: float) -> Tuple[float, Dict[int, float]]:

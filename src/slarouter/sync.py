@@ -136,11 +136,6 @@ def _entry(data: bytes) -> Optional[Dict[str, Any]]:
     return e if isinstance(e, dict) and isinstance(e.get("share"), dict) else None
 
 
-def _instance(data: bytes) -> Any:
-    e = _entry(data)
-    return None if e is None else e.get("instance")
-
-
 class PeerEntryError(ValueError):
     """Another replica's entry in the store is not a valid share for this router (corrupt, written
     by something else, or from a router with other models, SLA, report rate or features). This
@@ -197,11 +192,11 @@ class PeerSync:
         """
         with self._lock:
             entries = self.store.items()
-            mine = entries.get(self.replica)
-            if self.syncs and mine is not None and _entry(mine) is not None and _instance(mine) != self._token:
-                # Published here before, and now the entry is someone else's (on the first sync
-                # an old entry is this replica's earlier run, which it replaces; an entry that is
-                # not a PeerSync entry any more, corrupted or emptied, is this replica's to rewrite).
+            # Published here before, and now the entry is someone else's? (On the first sync an old
+            # entry is this replica's earlier run, which it replaces; an entry that is not a PeerSync
+            # entry any more, corrupted or emptied, is this replica's to rewrite.)
+            mine = _entry(entries[self.replica]) if self.syncs and self.replica in entries else None
+            if mine is not None and mine.get("instance") != self._token:
                 raise ValueError(f"another process publishes as replica {self.replica!r} in "
                                  f"{self.store!r}: every replica needs its own name")
             entry = {"replica": self.replica, "instance": self._token, "share": self.router.share()}
