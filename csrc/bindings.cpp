@@ -769,10 +769,7 @@ PYBIND11_MODULE(_core, m) {
              [](const PyRouter& r) {
                  std::vector<std::uint64_t> keys;
                  std::vector<std::int32_t> models;
-                 const Peers p = without_gil([&] {
-                     r.recent_failures(&keys, &models);
-                     return r.share();
-                 });
+                 const Peers p = without_gil([&] { return r.share(&keys, &models); });
                  py::dict d;
                  d["requests"] = p.n;
                  d["unsatisfied"] = p.unsat;

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+import slarouter
 from slarouter import Router
 
 THREADS = 8
@@ -172,6 +173,7 @@ def test_readers_do_not_deadlock_against_a_numba_batch(reader):
     code = f"""
 import faulthandler, threading
 import numpy as np
+import slarouter
 from slarouter import Router
 faulthandler.dump_traceback_later(120, exit=True)
 r = Router([("a", 1.0), ("b", 2.0), ("c", 5.0)], 0.9, features=4, report_rate=0.5, feedback_window=256)
@@ -206,6 +208,7 @@ def test_a_daemon_thread_routing_at_exit_does_not_abort_the_process():
     for the GIL back; the process must exit normally, not abort in the C++ runtime."""
     code = """
 import threading, time
+import slarouter
 from slarouter import Router
 r = Router([("a", 1.0), ("b", 2.0)], 0.9, report_rate=0.5)
 def serve():
@@ -277,6 +280,41 @@ def test_set_peers_sets_the_evidence_and_the_failures_at_once():
     assert seen > 0 and torn == 0
 
 
+def test_share_reads_its_failures_and_counts_at_one_moment():
+    """share() reads the recent remembered failures and the complaint counts under one hold of
+    the lock: with every request complained about (fewer than the 1,024 failures a share lists,
+    each request's features distinct), the share lists exactly one failure per complaint."""
+    r = Router([("a", 1.0), ("b", 2.0)], 0.9, report_rate=1.0, features=1, feedback_window=2048)
+    ids = iter(range(1000))
+    lock = threading.Lock()
+
+    def hammer():
+        while True:
+            with lock:
+                i = next(ids, None)
+            if i is None:
+                return
+            r.complain(r.route(np.array([float(i)], np.float32)).request_id)
+            time.sleep(0.0005)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    torn, n = [], 0
+    try:
+        while any(t.is_alive() for t in threads):
+            sh = r.share()
+            keys, _ = slarouter._router._decode_failures(sh["failures"], "failures", 2)
+            n += 1
+            if len(keys) != sum(sh["complaints"]):
+                torn.append((len(keys), sum(sh["complaints"])))
+    finally:
+        for t in threads:
+            t.join()
+    assert sum(r.share()["complaints"]) == 1000
+    assert n > 100 and not torn, torn[:3]
+
+
 def test_numba_batches_from_two_threads_under_the_workqueue_layer():
     """Numba's "workqueue" threading layer (its fallback where neither TBB nor OpenMP loads)
     aborts the process when two threads launch parallel kernels at once; the Numba backend then
@@ -284,6 +322,7 @@ def test_numba_batches_from_two_threads_under_the_workqueue_layer():
     code = """
 import threading
 import numpy as np
+import slarouter
 from slarouter import Router
 import numba
 routers = [Router([("a", 1.0), ("b", 3.0)], 0.8, report_rate=0.5, features=16, feedback_window=256, seed=s)

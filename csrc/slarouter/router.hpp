@@ -429,9 +429,12 @@ public:
     }
 
     // ---- replicas sharing one SLA (docs/algorithm.md, section 12) ---------------------------
-    // This router's own evidence, as the other replicas' set_peers() sums it.
-    Peers share() const {
+    // What this router passes to the other replicas: its own evidence, as their set_peers() sums
+    // it, and (keys, models given) its most recent remembered failures, read in the same hold of
+    // the lock so that a complaint is in both or in neither.
+    Peers share(std::vector<std::uint64_t>* keys = nullptr, std::vector<std::int32_t>* models = nullptr) const {
         std::lock_guard<std::mutex> lock(mu_);
+        if (keys != nullptr && models != nullptr) recent_failures_locked(keys, models);
         Estimates e;
         refresh_locked(e, /*with_peers=*/false, /*pool_rho=*/true);
         Peers p;
@@ -1721,8 +1724,7 @@ public:
     }
 
     // This router's most recent remembered failures (key, model), oldest first (share()).
-    void recent_failures(std::vector<std::uint64_t>* keys, std::vector<std::int32_t>* models) const {
-        std::lock_guard<std::mutex> lock(mu_);
+    void recent_failures_locked(std::vector<std::uint64_t>* keys, std::vector<std::int32_t>* models) const {
         const std::int64_t n = std::min<std::int64_t>(recent_n_, kRecentFailures);
         keys->clear();
         models->clear();
