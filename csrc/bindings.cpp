@@ -91,7 +91,7 @@ py::dict estimates_dict(const Estimates& e) {
     return d;
 }
 
-py::array_t<std::uint64_t> feature_keys_py(FloatArray X) {
+py::array_t<std::uint64_t> feature_keys_py(FloatArray X, bool portable) {
     if (X.ndim() != 2) throw std::invalid_argument("feature_keys: X must be 2-D (B, dim)");
     const py::ssize_t B = X.shape(0);
     const int n = static_cast<int>(X.shape(1));
@@ -99,7 +99,7 @@ py::array_t<std::uint64_t> feature_keys_py(FloatArray X) {
     std::uint64_t* kp = keys.mutable_data();
     const float* xp = X.data();
     for (py::ssize_t r = 0; r < B; ++r) {
-        kp[r] = feature_key(FeatureView::dense_row(xp + r * n, n), n);
+        kp[r] = feature_key(FeatureView::dense_row(xp + r * n, n), n, portable);
     }
     return keys;
 }
@@ -739,8 +739,9 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("hash_text", &hash_text_py, py::arg("text"), py::arg("bits"), py::arg("max_features"),
           "Hashed unigram+bigram features of a text: (indices int32, values float32).");
-    m.def("feature_keys", &feature_keys_py, py::arg("X"),
-          "The failure memory's key of each row of dense features X (B, dim): uint64[B].");
+    m.def("feature_keys", &feature_keys_py, py::arg("X"), py::arg("portable") = false,
+          "The failure memory's key of each row of dense features X (B, dim): uint64[B]; portable: "
+          "without the AVX-512 loop the CPU may allow (the same keys).");
 
     py::class_<PyRouter>(m, "Router")
         .def(py::init<const Config&, py::list, py::object, py::object, py::object, py::object, py::object>(),

@@ -162,11 +162,13 @@ def test_keys_of_rows_match_the_reference_and_look_up_as_features_do():
     from reference import feature_key
 
     rng = np.random.default_rng(0)
-    for n in (1, 2, 7, 16, 17, 384):
+    # Whole blocks of 16 values (vectorised where the CPU allows) and the words after them.
+    for n in (1, 2, 7, 15, 16, 17, 31, 32, 33, 384, 385, 768):
         X = rng.standard_normal((6, n)).astype(np.float32)
         X[1] = X[0]
         X[2, 0] = -0.0
         keys = slarouter._core.feature_keys(X)
+        assert np.array_equal(slarouter._core.feature_keys(X, portable=True), keys)
         assert keys.dtype == np.uint64 and keys[0] == keys[1] and len(set(keys.tolist())) == 5
         assert keys.tolist() == [feature_key([float(v) for v in x], None, n) for x in X]
     seed = next(s for s in range(50) if _plan(_router_after(s))["regime"] == 2)

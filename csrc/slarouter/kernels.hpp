@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 // (ifunc dispatch: GCC on x86-64 glibc; musl has no ifunc, other compilers build one version)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
@@ -13,8 +14,57 @@
 #define SLAROUTER_CLONES
 #endif
 
+// The failure memory's key (feature_key in router.hpp) multiplies 64-bit words, which GCC does
+// not vectorise; on x86-64 an AVX-512DQ version written with intrinsics is picked at first use
+// when the CPU has it (GCC or Clang), with the same bits as the portable loop.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define SLAROUTER_KEY_AVX512 1
+#include <immintrin.h>
+#endif
+
 namespace slarouter {
 namespace kernels {
+
+constexpr std::uint64_t kKeyMul = 0xFF51AFD7ED558CCDULL;
+
+// `blocks` blocks of 16 dense values (8 little-endian 64-bit words, word q going to lane q)
+// stepped into the key's 8 lanes: lane = x ^ (x >> 32), x = (lane ^ word) * kKeyMul.
+inline void key_blocks_portable(std::uint64_t* lane, const float* d, int blocks) {
+    for (int b = 0; b < blocks; ++b)
+        for (int q = 0; q < 8; ++q) {
+            std::uint64_t w;
+            std::memcpy(&w, d + 16 * b + 2 * q, sizeof w);
+            const std::uint64_t x = (lane[q] ^ w) * kKeyMul;
+            lane[q] = x ^ (x >> 32);
+        }
+}
+
+#ifdef SLAROUTER_KEY_AVX512
+__attribute__((target("avx512f,avx512dq"))) inline void key_blocks_avx512(std::uint64_t* lane, const float* d,
+                                                                          int blocks) {
+    __m512i v = _mm512_loadu_si512(lane);
+    const __m512i m = _mm512_set1_epi64(static_cast<long long>(kKeyMul));
+    for (int b = 0; b < blocks; ++b) {
+        const __m512i x = _mm512_mullo_epi64(_mm512_xor_si512(v, _mm512_loadu_si512(d + 16 * b)), m);
+        v = _mm512_xor_si512(x, _mm512_srli_epi64(x, 32));
+    }
+    _mm512_storeu_si512(lane, v);
+}
+
+inline bool cpu_has_avx512dq() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
+#endif
+
+// `portable`: the portable loop even where the CPU has AVX-512DQ (the tests compare the two).
+inline void key_blocks(std::uint64_t* lane, const float* d, int blocks, bool portable = false) {
+#ifdef SLAROUTER_KEY_AVX512
+    static const bool avx512 = cpu_has_avx512dq();
+    if (avx512 && !portable) return key_blocks_avx512(lane, d, blocks);
+#endif
+    key_blocks_portable(lane, d, blocks);
+}
 
 // Dense sums accumulate in kLanes lanes (term j in lane j % kLanes), enough independent
 // chains to hide the latency of the additions; the lanes are then folded in halves (lane l +=

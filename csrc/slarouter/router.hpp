@@ -163,8 +163,9 @@ struct FeatureView {
 // The key of a request's first n features in the failure memory (docs/algorithm.md, "Remembered
 // failures"): equal features give equal keys; never 0, which marks an empty entry. The features
 // are read as 64-bit words (two dense values; a hashed feature's bucket and value bits), word j
-// going to lane j % 8: the lanes are independent, so their multiplications overlap (and vectorise).
-inline std::uint64_t feature_key(const FeatureView& f, int n) {
+// going to lane j % 8: the lanes are independent, so their multiplications overlap (and vectorise
+// where the CPU has AVX-512DQ, kernels::key_blocks; `portable` keeps the portable loop).
+inline std::uint64_t feature_key(const FeatureView& f, int n, bool portable = false) {
     constexpr int L = 8;
     std::uint64_t lane[L];
     for (int q = 0; q < L; ++q) lane[q] = 0x9E3779B97F4A7C15ULL * static_cast<std::uint64_t>(q + 1);
@@ -182,17 +183,15 @@ inline std::uint64_t feature_key(const FeatureView& f, int n) {
         return (static_cast<std::uint64_t>(hi) << 32) | lo;
     };
     auto step = [&lane](int q, std::uint64_t w) {
-        const std::uint64_t x = (lane[q] ^ w) * 0xFF51AFD7ED558CCDULL;
+        const std::uint64_t x = (lane[q] ^ w) * kernels::kKeyMul;
         lane[q] = x ^ (x >> 32);
     };
     int j = 0;
-    if (dense)  // whole blocks of 8 words are 16 contiguous values
-        for (; j + L <= n / 2; j += L)
-            for (int q = 0; q < L; ++q) {
-                std::uint64_t w;
-                std::memcpy(&w, f.dense + 2 * (j + q), sizeof w);  // little-endian: lo | hi << 32
-                step(q, w);
-            }
+    if (dense) {  // whole blocks of 8 words are 16 contiguous values (little-endian: lo | hi << 32)
+        const int blocks = n / (2 * L);
+        kernels::key_blocks(lane, f.dense, blocks, portable);
+        j = blocks * L;
+    }
     for (; j < words; ++j) step(j % L, word(j));
     std::uint64_t h = static_cast<std::uint64_t>(n);
     for (std::uint64_t x : lane) h = mix64(h ^ x);
