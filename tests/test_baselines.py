@@ -111,6 +111,24 @@ def test_threshold_meets_alpha_on_its_training_split(zoo):
             np.testing.assert_array_equal(again.split, r.split)
 
 
+def test_threshold_scores_the_splits_rows_in_the_stream_out_of_fold(zoo):
+    """The stream replays the split's rows too: they are routed by their out-of-fold predictions
+    (those theta was calibrated on), the other rows by the deployed predictor."""
+    ds, _ = zoo
+    ctx = _ctx(zoo, benchmark="winogrande")
+    r = B.fit_threshold(ctx)
+    local = B._bench(ctx).local(ctx.stream.rows)
+    model, _ = B.policy_threshold(ctx)
+    at = {int(p): i for i, p in enumerate(r.split)}
+    in_split = np.array([int(p) in at for p in local])
+    assert in_split.any() and (~in_split).any()
+    expect_split = r.route(r.split_pred[[at[int(p)] for p in local[in_split]]])
+    np.testing.assert_array_equal(model[in_split], expect_split)
+    np.testing.assert_array_equal(model[~in_split], r.route(r.pred[local[~in_split]]))
+    # (in-sample predictions would route the split's rows differently)
+    assert not np.array_equal(expect_split, r.route(r.pred[local[in_split]]))
+
+
 def test_bandit_withheld_rate_uses_assumed_rate(zoo, monkeypatch):
     from slarouter import _kernels
 

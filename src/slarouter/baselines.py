@@ -322,7 +322,12 @@ def fit_threshold(ctx: "RunContext") -> ThresholdRouter:
 def policy_threshold(ctx: "RunContext") -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """RouteLLM-style: offline predictor and threshold calibrated on a labelled split, then frozen."""
     router = fit_threshold(ctx)
-    return router.route(router.pred[_bench(ctx).local(ctx.stream.rows)]), None
+    # The stream holds the split's rows too (the short protocol replays every row, the long one
+    # draws from all rows): they are scored with their out-of-fold predictions, as a request the
+    # deployed predictor never saw would be, not with predictions that memorised their labels.
+    pred = router.pred.copy()
+    pred[router.split] = router.split_pred
+    return router.route(pred[_bench(ctx).local(ctx.stream.rows)]), None
 
 
 # --- contextual bandit --------------------------------------------------------------------------
