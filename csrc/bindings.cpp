@@ -91,6 +91,28 @@ py::dict estimates_dict(const Estimates& e) {
     return d;
 }
 
+// A prompt's UTF-8 bytes; a str that has none (a lone surrogate) raises its UnicodeEncodeError
+// (a ValueError), whose reason then names `what`.
+const char* prompt_utf8(py::handle h, Py_ssize_t* len, const std::string& what) {
+    const char* u = PyUnicode_AsUTF8AndSize(h.ptr(), len);
+    if (u != nullptr) return u;
+    if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject* reason = value != nullptr ? PyObject_GetAttrString(value, "reason") : nullptr;
+        if (reason != nullptr) {
+            PyObject* named = PyUnicode_FromFormat("%U (%s has no UTF-8 form)", reason, what.c_str());
+            if (named != nullptr) PyObject_SetAttrString(value, "reason", named);
+            Py_XDECREF(named);
+            Py_DECREF(reason);
+        }
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+    throw py::error_already_set();
+}
+
 py::array_t<std::uint64_t> feature_keys_py(FloatArray X, bool portable) {
     if (X.ndim() != 2) throw std::invalid_argument("feature_keys: X must be 2-D (B, dim)");
     const py::ssize_t B = X.shape(0);
@@ -169,8 +191,7 @@ public:
         if (cfg.dim == 0) {
             if (!PyUnicode_Check(x.ptr())) check_features_(x);  // raises the clear error
             Py_ssize_t len = 0;
-            const char* text = PyUnicode_AsUTF8AndSize(x.ptr(), &len);
-            if (text == nullptr) throw py::error_already_set();
+            const char* text = prompt_utf8(x, &len, "the prompt");
             ReleaseGil nogil;
             thread_local std::vector<std::int32_t> idx;
             thread_local std::vector<float> val;
@@ -270,8 +291,7 @@ public:
                     throw py::type_error("this router hashes prompt text: every row must be a str, row " + std::to_string(r) +
                                          " is " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
                 Py_ssize_t len = 0;
-                const char* u = PyUnicode_AsUTF8AndSize(h.ptr(), &len);  // UnicodeEncodeError as route()
-                if (u == nullptr) throw py::error_already_set();
+                const char* u = prompt_utf8(h, &len, "row " + std::to_string(r) + " of X");
                 texts.emplace_back(u, static_cast<std::size_t>(len));
             }
         } else {

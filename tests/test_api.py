@@ -93,6 +93,8 @@ def test_same_seed_same_decisions():
         ({"confidence": 1.0}, ValueError, "confidence must be in"),
         ({"features": "images"}, ValueError, "features must be"),
         ({"features": 0}, ValueError, "features must be"),
+        ({"features": 2**31}, ValueError, "features must be .* below 2\\*\\*31"),
+        ({"tuning": [("lr", 1.0)]}, TypeError, "tuning must be a mapping"),
         ({"seed": -1}, ValueError, "seed must be"),
         ({"feedback_window": 0}, ValueError, "feedback_window"),
         ({"feedback_window": 300}, ValueError, "feedback_window must be at most 32 or a multiple of 32"),
@@ -148,7 +150,36 @@ def test_bad_text_features_change_nothing():
     before = snapshot(r)
     with pytest.raises(TypeError, match="must be a str"):
         r.route(np.zeros(3, np.float32))
+    # A str with no UTF-8 form (a lone surrogate) is named, with the row of a batch.
+    with pytest.raises(UnicodeEncodeError, match=r"position 1: surrogates not allowed \(the prompt has no UTF-8"):
+        r.route("x\ud800")
+    with pytest.raises(UnicodeEncodeError, match=r"\(row 1 of X has no UTF-8 form\)"):
+        r.route_batch(["ok", "x\ud800", "fine"])
     assert snapshot(r) == before
+
+
+def test_an_observed_cost_that_would_overflow_the_mean_changes_nothing():
+    """Each cost is finite, but their total would not be: the mean cost would become infinite
+    and the normalised costs NaN (the dearest model then took all traffic). Refused, naming the
+    request; the request may still report a cost that fits."""
+    r = Router([("a", 1.0), ("b", 2.0)], 0.8, report_rate=1.0, features=2)
+    served = [r.route(np.zeros(2, np.float32)) for _ in range(8)]
+    first, again = next((d, e) for d in served for e in served if d.request_id < e.request_id and d.index == e.index)
+    assert r.observe_cost(first.request_id, 1.7e308) is True
+    before = snapshot(r)
+    with pytest.raises(ValueError, match=f"cost 1.7e\\+308 for request {again.request_id} would take its model's total"):
+        r.observe_cost(again.request_id, 1.7e308)
+    assert snapshot(r) == before
+    assert r.observe_cost(again.request_id, 3.0) is True
+    assert all(np.isfinite(m["mean_cost"]) for m in r.stats()["models"].values())
+
+
+def test_stats_at_a_confidence_a_rounding_error_below_one():
+    """The interval's z comes from the tail probability, which 0.5 + confidence / 2 rounded to 1."""
+    r = Router([("a", 1.0), ("b", 2.0)], 0.8, report_rate=1.0, features=2, confidence=math.nextafter(1.0, 0.0))
+    r.complain(r.route(np.zeros(2, np.float32)).request_id)
+    s = r.stats()
+    assert 0.0 <= s["satisfaction_low"] <= s["satisfaction"] <= s["satisfaction_high"] <= 1.0
 
 
 @pytest.mark.parametrize(
@@ -251,6 +282,8 @@ def test_audit_and_cost_feedback():
         r.complain_batch(np.array([1, 2**63], np.uint64))
     with pytest.raises(UnknownRequestError, match=f"unknown request id {2**64}:"):
         r.complain_batch([1, 2**64])
+    with pytest.raises(UnknownRequestError, match=f"unknown request id {2**63}:"):
+        r.complain_batch([0, 2**63])  # (NumPy makes this list float64)
     s = r.stats()
     assert s["audits"] == 4 and s["complaints"] == 0
 

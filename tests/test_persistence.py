@@ -199,9 +199,18 @@ def test_estimated_report_rate_state_round_trips_and_is_checked():
         raise KeyError(field)
 
     for field, fmt, value, message in [("auc", "<q", 10**6, "pending audit counts"),
-                                       ("est.complaint_weight", "<d", -1.0, "complaint weight")]:
+                                       ("est.complaint_weight", "<d", -1.0, "complaint weight"),
+                                       # (the first entry of a vector: 8 bytes past its length)
+                                       ("pend", "<q", 10**6, "pending counts do not match"),
+                                       ("pendnc", "<q", 0, "pending counts do not match"),
+                                       ("cost_sum", "<d", 1.7e308 * 10, "invalid observed costs"),
+                                       ("cost_sum", "<d", -1.0, "invalid observed costs")]:
         bad = bytearray(blob)
-        struct.pack_into(fmt, bad, offset(field), value)
+        at = offset(field)
+        if field in ("pend", "pendnc", "cost_sum"):
+            at += 8 + 8 * int(np.argmax(np.frombuffer(blob, np.int64 if fmt == "<q" else np.float64,
+                                                      struct.unpack_from("<Q", blob, at)[0], at + 8)))
+        struct.pack_into(fmt, bad, at, value)
         before = a._core.save_state()
         with pytest.raises(ValueError, match="state is corrupt: .*" + message):
             a._core.load_state(bytes(bad))

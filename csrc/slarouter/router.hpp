@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -420,8 +421,16 @@ public:
         if (st != kApplied) return st;
         const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
         if (slot_flags_[s] & kCostSeen) return kDuplicate;
-        slot_flags_[s] |= kCostSeen;
         const int k = slot_model_[s];
+        // The model's mean cost is (list cost + observed costs) / (1 + observations): a total
+        // beyond a double's range would make it infinite and its normalised cost NaN.
+        if (!std::isfinite(cfg_.cost[k] + cost_sum_[k] + cost)) {
+            char c[32];
+            std::snprintf(c, sizeof c, "%.6g", cost);
+            throw std::invalid_argument(std::string("cost ") + c + " for request " + std::to_string(id) +
+                                        " would take its model's total observed cost beyond a double's range");
+        }
+        slot_flags_[s] |= kCostSeen;
         cost_sum_[k] += cost;
         cost_n_[k] += 1;
         return kApplied;
@@ -725,9 +734,12 @@ private:
     void validate_loaded() const {
         const int K = cfg_.n_models;
         if (t_ < 0) throw std::invalid_argument("state is corrupt: negative request count");
-        for (int k = 0; k < K; ++k)
+        for (int k = 0; k < K; ++k) {
             if (served_[k] < 0 || closed_[k] < 0 || complaints_[k] < 0 || closed_[k] > served_[k])
                 throw std::invalid_argument("state is corrupt: inconsistent per-model counts");
+            if (cost_n_[k] < 0 || !(cost_sum_[k] >= 0.0) || !std::isfinite(cfg_.cost[k] + cost_sum_[k]))
+                throw std::invalid_argument("state is corrupt: invalid observed costs");
+        }
         const std::int64_t live = std::min<std::int64_t>(t_, cfg_.window);
         for (std::int64_t i = 0; i < live; ++i) {
             const std::int64_t id = t_ - 1 - i;
@@ -763,16 +775,26 @@ private:
                 throw std::invalid_argument("state is corrupt: negative pending counts");
         if (rho_n_ < 0 || rho_c_ < 0 || rho_c_ > rho_n_)
             throw std::invalid_argument("state is corrupt: inconsistent audited-unsatisfied counts");
-        // The pending audited-unsatisfied counts must be those of the ring buffer's flags.
+        // The pending counts (per model and delay bucket, all and without a complaint) and the
+        // pending audited-unsatisfied counts must be those of the ring buffer's requests.
+        std::vector<std::int64_t> pend(pend_.size(), 0), pendnc(pendnc_.size(), 0);
         std::vector<std::int64_t> aunc(static_cast<std::size_t>(nb_ring_), 0);
         std::int64_t auc = 0;
         for (std::int64_t id = closed_upto_; id < t_; ++id) {
-            const std::uint8_t fl = slot_flags_[static_cast<std::size_t>(id % cfg_.window)];
+            const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
+            const std::uint8_t fl = slot_flags_[s];
+            const std::size_t at = static_cast<std::size_t>(slot_model_[s]) * nb_ring_ + bucket_of(id);
+            if (at < pend.size()) {
+                pend[at] += 1;
+                if (!(fl & kComplained)) pendnc[at] += 1;
+            }
             if ((fl & kAudited) && (fl & kAuditUnsat)) {
                 if (fl & kComplained) auc += 1;
                 else aunc[bucket_of(id)] += 1;
             }
         }
+        if (pend != pend_ || pendnc != pendnc_)
+            throw std::invalid_argument("state is corrupt: pending counts do not match the window");
         if (aunc != aunc_ || auc != auc_)
             throw std::invalid_argument("state is corrupt: pending audit counts do not match the window");
         if (!(est_.complaint_weight >= 0.0 && std::isfinite(est_.complaint_weight)))

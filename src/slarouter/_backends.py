@@ -227,6 +227,11 @@ def _route_batch_numba(router: Any, X: np.ndarray, cost: Optional[np.ndarray], o
 def complain_batch(router: Any, ids: Any) -> np.ndarray:
     if _is_cupy(ids):
         ids = ids.get()
+    if isinstance(ids, (list, tuple)):
+        # Python ints beyond int64 were never issued; NumPy would turn the list into floats.
+        for i in ids:
+            if isinstance(i, int) and not isinstance(i, bool) and not -2**63 <= i < 2**63:
+                raise UnknownRequestError(f"unknown request id {i}: this router never issued it")
     arr = np.asarray(ids)
     if arr.ndim == 1 and arr.size == 0:
         return np.zeros(0, dtype=bool)

@@ -311,10 +311,10 @@ class Router:
             if features != "text":
                 raise ValueError(f"features must be 'text' or a positive int dimension, got {features!r}")
             dim = 0
-        elif _is_int(features) and features >= 1:
+        elif _is_int(features) and 1 <= features < 2**31:
             dim = int(features)
         else:
-            raise ValueError(f"features must be 'text' or a positive int dimension, got {features!r}")
+            raise ValueError(f"features must be 'text' or a positive int dimension below 2**31, got {features!r}")
         if not _is_int(seed) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         if not _is_int(feedback_window) or feedback_window < 1:
@@ -333,6 +333,8 @@ class Router:
         if not _is_int(hash_bits) or not 1 <= hash_bits <= 30:
             raise ValueError(f"hash_bits must be an int in [1, 30], got {hash_bits!r}")
         tun = dict(_defaults.TUNING)
+        if tuning is not None and not isinstance(tuning, Mapping):
+            raise TypeError(f"tuning must be a mapping of constant name -> value, got {type(tuning).__name__}")
         for key, value in (tuning or {}).items():
             if key not in tun:
                 raise ValueError(f"unknown tuning constant {key!r}; known: {sorted(tun)}")
@@ -486,7 +488,7 @@ class Router:
         """Counters and estimates: traffic, complaints, queue, margin, satisfaction, per model."""
         c, e, (pn, pu) = self._core.snapshot()  # one moment's counters, estimates and peers
         n = c["requests"]
-        zc = NormalDist().inv_cdf(0.5 + self._config["confidence"] / 2)
+        zc = -NormalDist().inv_cdf((1.0 - self._config["confidence"]) / 2)  # (0.5 + c / 2 may round to 1)
         if n > 0:
             # The interval: the margin's standard error of the count around the range of counts
             # the delay model leaves open while complaints may still be on their way
