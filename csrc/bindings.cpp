@@ -100,13 +100,22 @@ const char* prompt_utf8(py::handle h, Py_ssize_t* len, const std::string& what) 
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
         PyErr_NormalizeException(&type, &value, &tb);
+        // The reason is both an attribute (str()) and the last of args (repr(), pickling).
         PyObject* reason = value != nullptr ? PyObject_GetAttrString(value, "reason") : nullptr;
-        if (reason != nullptr) {
+        PyObject* args = value != nullptr ? PyObject_GetAttrString(value, "args") : nullptr;
+        if (reason != nullptr && args != nullptr && PyTuple_Check(args) && PyTuple_GET_SIZE(args) == 5) {
             PyObject* named = PyUnicode_FromFormat("%U (%s has no UTF-8 form)", reason, what.c_str());
-            if (named != nullptr) PyObject_SetAttrString(value, "reason", named);
-            Py_XDECREF(named);
-            Py_DECREF(reason);
+            if (named != nullptr) {
+                PyObject* renamed = Py_BuildValue("(OOOOO)", PyTuple_GET_ITEM(args, 0), PyTuple_GET_ITEM(args, 1),
+                                                  PyTuple_GET_ITEM(args, 2), PyTuple_GET_ITEM(args, 3), named);
+                if (renamed != nullptr && PyObject_SetAttrString(value, "args", renamed) == 0)
+                    PyObject_SetAttrString(value, "reason", named);
+                Py_XDECREF(renamed);
+                Py_DECREF(named);
+            }
         }
+        Py_XDECREF(args);
+        Py_XDECREF(reason);
         PyErr_Clear();
         PyErr_Restore(type, value, tb);
     }

@@ -1,6 +1,7 @@
 """The public API: construction, routing, feedback, stats, and clear errors on bad input."""
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -153,8 +154,10 @@ def test_bad_text_features_change_nothing():
     # A str with no UTF-8 form (a lone surrogate) is named, with the row of a batch.
     with pytest.raises(UnicodeEncodeError, match=r"position 1: surrogates not allowed \(the prompt has no UTF-8"):
         r.route("x\ud800")
-    with pytest.raises(UnicodeEncodeError, match=r"\(row 1 of X has no UTF-8 form\)"):
+    with pytest.raises(UnicodeEncodeError, match=r"\(row 1 of X has no UTF-8 form\)") as err:
         r.route_batch(["ok", "x\ud800", "fine"])
+    again = pickle.loads(pickle.dumps(err.value))  # (as from a worker process: built from its args)
+    assert str(again) == str(err.value) and err.value.args[-1] == err.value.reason
     assert snapshot(r) == before
 
 

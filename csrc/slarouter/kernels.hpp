@@ -62,6 +62,8 @@ inline void key_blocks(std::uint64_t* lane, const float* d, int blocks, bool por
 #ifdef SLAROUTER_KEY_AVX512
     static const bool avx512 = cpu_has_avx512dq();
     if (avx512 && !portable) return key_blocks_avx512(lane, d, blocks);
+#else
+    (void)portable;
 #endif
     key_blocks_portable(lane, d, blocks);
 }
