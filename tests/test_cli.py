@@ -95,6 +95,8 @@ def test_unreadable_files_are_named(tmp_path, capsys):
     (["--requests", "-5"], "argument --requests: must be >= 1"),
     (["--max-delay", "-1"], "argument --max-delay: must be >= 0"),
     (["--workers", "0"], "argument --workers: must be >= 1"),
+    (["--audit-rate", "2"], "argument --audit-rate: must be in [0, 1], got 2"),
+    (["--audit-rate", "nan"], "argument --audit-rate: must be in [0, 1], got nan"),
     (["--seeds", "0-1,5-3"], "seed range '5-3' runs backwards"),
     (["--benchmark", "nosuch"], "dataset 'tiny' has no benchmark 'nosuch'"),
     (["--json", "/nonexistent-folder/x.json"], "--json /nonexistent-folder/x.json: the folder"),

@@ -51,6 +51,13 @@ def _rate(text: str) -> float:
     return v
 
 
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
 def _unit(text: str) -> float:
     v = float(text)
     if not 0.0 < v < 1.0:
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policies (default: all: slarouter, mess+:V=<v> for every V of the grid, mess+ (best V in "
                         "hindsight), threshold, bandit, random-mix, oracle and always:<model> for every model)")
     r.add_argument("--confidence", type=_unit, default=0.95, help="the router's confidence (default 0.95)")
-    r.add_argument("--audit-rate", type=float, default=0.0, dest="audit_rate",
+    r.add_argument("--audit-rate", type=_fraction, default=0.0, dest="audit_rate",
                    help="fraction of requests audited; when > 0 the report rate is withheld from the router")
     r.add_argument("--batch", type=_count(1), default=None,
                    help="the router routes this many requests at a time (route_batch's phases: one dual state "
@@ -228,8 +235,6 @@ def run_replay(args: argparse.Namespace) -> dict:
         except ValueError as e:
             raise SystemExit(f"slarouter replay: {e}") from None
     policies = _policies_to_run(requested)
-    if not 0.0 <= args.audit_rate <= 1.0:
-        raise SystemExit("--audit-rate must be in [0, 1]")
     if args.tuning is not None:
         from ._router import Router
 
