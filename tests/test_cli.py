@@ -68,6 +68,8 @@ BAD_DATASETS = [
     (dict(rows=[[0, "qa", "p", "x", 1.0, 0.1, 1.0]]), "requests.csv.gz:2: non-numeric"),
     (dict(rows=[[0, "qa", "p", "nan", 1.0, 0.1, 1.0]]), "sat must be in"),
     (dict(rows=[[0, "qa", "p", 1.0, 1.0, -0.1, 1.0]]), "cost finite and >= 0"),
+    (dict(rows=[[i, "qa" if i % 2 else "code", "p", 1.0, 1.0, 1.0, 9e307] for i in range(4)]),
+     r"the costs of \['big'\] add up beyond a double's range"),
     (dict(header=["id", "benchmark", "prompt", "sat:small", "sat:big", "cost:small"], rows=[[0, "qa", "p", 1, 1, 1]]),
      r"missing columns \['cost:big'\]"),
 ]

@@ -71,6 +71,14 @@ def load_dataset(path: "str | os.PathLike") -> Dataset:
     empty = [b for b in meta["benchmarks"] if b not in present]
     if empty:
         raise ValueError(f"{req_path}: benchmarks {empty} of meta.json have no rows")
+    # Mean costs (per benchmark, per model) are sums first: a sum beyond a double's range would
+    # make every reference cost infinite.
+    with np.errstate(over="ignore"):
+        total = np.sum(np.asarray(cost_rows, dtype=np.float64), axis=0) if cost_rows else np.zeros(len(models))
+    over = [m for m, t in zip(models, total) if not np.isfinite(t)]
+    if over:
+        raise ValueError(f"{req_path}: the costs of {over} add up beyond a double's range; "
+                         "express them in a larger unit")
     return Dataset(
         name=meta.get("name", os.path.basename(os.path.normpath(path))),
         path=path,
