@@ -162,6 +162,14 @@ def test_a_bad_peer_entry_does_not_keep_a_replica_from_starting(tmp_path, caplog
             assert "entry of replica 'b'" in caplog.text
             PeerSync(b, store, "b").sync()
             _wait(lambda: a.stats()["whole_stream"]["requests"] == 40)
+        assert sa.last_error is None  # a sync that succeeds clears it
+    (tmp_path / "b.json").write_bytes(b"garbage")
+    by_hand = PeerSync(a, store, "a")
+    with pytest.raises(PeerEntryError):
+        by_hand.sync()
+    by_hand.last_error = ValueError("stale")
+    PeerSync(b, store, "b").sync()
+    assert by_hand.sync() == 1 and by_hand.last_error is None
     other = DirectoryStore(tmp_path / "other")
     first, second = PeerSync(_router(3), other, "a2"), PeerSync(_router(4), other, "a2")
     first.sync()
@@ -246,6 +254,43 @@ def test_replica_processes_on_one_host_share_the_whole_stream(tmp_path):
         ws = json.loads((tmp_path / f"{name}.result").read_text())
         assert ws["requests"] == sum(counts.values())
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+_PRELOADED = None  # a router built in the parent, before the workers are forked
+
+
+def _forked_worker(path, name, n, barrier):
+    _drive(_PRELOADED, n, start=1000 * len(name))
+    s = PeerSync(_PRELOADED, DirectoryStore(path), name)
+    s.sync()
+    barrier.wait(60)
+    s.sync()
+    with open(os.path.join(path, f"{name}.result"), "w") as f:
+        json.dump(_PRELOADED.stats()["whole_stream"], f)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_workers_forked_from_a_preloaded_router_are_replicas(tmp_path):
+    """A server that builds the router and then forks its workers (a preloaded app): the copies
+    are different replicas, not the same router's own share seen twice."""
+    global _PRELOADED
+    _PRELOADED = _router(7)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    counts = {"w0": 120, "w1": 80}
+    procs = [ctx.Process(target=_forked_worker, args=(str(tmp_path), name, n, barrier)) for name, n in counts.items()]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    for name in counts:
+        assert json.loads((tmp_path / f"{name}.result").read_text())["requests"] == sum(counts.values())
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "x.tmp", "a b", 7, None, "x" * 129])

@@ -383,7 +383,7 @@ class Router:
         for key, value in tun.items():
             setattr(cfg, key, value)
         self._cfg = cfg
-        self._instance = secrets.token_hex(8)  # tells this router's share from others' (not saved)
+        self._tokens: Dict[int, str] = {}  # per process: tells this router's share from others' (not saved)
         self._save_lock = threading.Lock()
         self._bind(_core.Router(cfg, list(names), Decision, UnknownRequestError, DuplicateFeedbackError,
                                 _feature_checker(dim), _cost_checker(self._names)))
@@ -558,6 +558,12 @@ class Router:
         d["hash_bits"] = self._config["hash_bits"]
         d["instance"] = self._instance
         return d
+
+    @property
+    def _instance(self) -> str:
+        """This router's token in its shares: one per process, so that the copies a fork makes
+        (e.g. a server's workers forked after the router was built) are different replicas."""
+        return self._tokens.setdefault(os.getpid(), secrets.token_hex(8))
 
     def set_peers(self, shares: Iterable[Mapping[str, Any]]) -> None:
         """Take the other replicas' evidence: an iterable of their latest ``share()`` dicts.

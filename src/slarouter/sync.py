@@ -156,7 +156,8 @@ class PeerSync:
     syncs once more); the router is safe to use meanwhile. ``with PeerSync(...) as s:`` starts
     and stops it. A background sync that fails (a store that cannot be reached, a peer's entry
     that is not a valid share) logs the error on the ``slarouter.sync`` logger, keeps it in
-    ``last_error``, leaves the router's peers as they were, and is tried again next interval.
+    ``last_error``, leaves the router's peers as they were, and is tried again next interval;
+    a sync that succeeds clears ``last_error``.
     """
 
     def __init__(self, router: Router, store: Store, replica: str, *, interval: float = 1.0) -> None:
@@ -217,6 +218,7 @@ class PeerSync:
             except (TypeError, ValueError) as err:
                 msg = re.sub(r"shares\[(\d+)\]", lambda m: f"the share of replica {names[int(m.group(1))]!r}", str(err))
                 raise PeerEntryError(f"{msg} (in {self.store!r})") from err
+            self.last_error = None
             return len(shares)
 
     def start(self) -> "PeerSync":
