@@ -234,12 +234,8 @@ def _replica_process(path, name, seed, n, barrier):
         json.dump(r.stats()["whole_stream"], f)
 
 
-def test_replica_processes_on_one_host_share_the_whole_stream(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(3)
-    counts = {"p0": 200, "p1": 300, "p2": 150}
-    procs = [ctx.Process(target=_replica_process, args=(str(tmp_path), name, i, n, barrier))
-             for i, (name, n) in enumerate(counts.items())]
+def _run_all(procs):
+    """Start the processes and wait for each to exit cleanly (any left running is terminated)."""
     for p in procs:
         p.start()
     try:
@@ -250,6 +246,15 @@ def test_replica_processes_on_one_host_share_the_whole_stream(tmp_path):
         for p in procs:
             if p.is_alive():
                 p.terminate()
+
+
+def test_replica_processes_on_one_host_share_the_whole_stream(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    counts = {"p0": 200, "p1": 300, "p2": 150}
+    procs = [ctx.Process(target=_replica_process, args=(str(tmp_path), name, i, n, barrier))
+             for i, (name, n) in enumerate(counts.items())]
+    _run_all(procs)
     for name in counts:
         ws = json.loads((tmp_path / f"{name}.result").read_text())
         assert ws["requests"] == sum(counts.values())
@@ -279,16 +284,7 @@ def test_workers_forked_from_a_preloaded_router_are_replicas(tmp_path):
     barrier = ctx.Barrier(2)
     counts = {"w0": 120, "w1": 80}
     procs = [ctx.Process(target=_forked_worker, args=(str(tmp_path), name, n, barrier)) for name, n in counts.items()]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(120)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+    _run_all(procs)
     for name in counts:
         assert json.loads((tmp_path / f"{name}.result").read_text())["requests"] == sum(counts.values())
 
