@@ -200,7 +200,7 @@ def test_estimated_report_rate_state_round_trips_and_is_checked():
 
     for field, fmt, value, message in [("auc", "<q", 10**6, "pending audit counts"),
                                        ("est.complaint_weight", "<d", -1.0, "complaint weight"),
-                                       # (the first entry of a vector: 8 bytes past its length)
+                                       # (in a vector: its largest entry, past its 8-byte length)
                                        ("pend", "<q", 10**6, "pending counts do not match"),
                                        ("pendnc", "<q", 0, "pending counts do not match"),
                                        ("cost_sum", "<d", 1.7e308 * 10, "invalid observed costs"),

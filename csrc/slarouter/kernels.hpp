@@ -27,15 +27,20 @@ namespace kernels {
 
 constexpr std::uint64_t kKeyMul = 0xFF51AFD7ED558CCDULL;
 
+// One word stepped into one of the key's lanes: lane = x ^ (x >> 32), x = (lane ^ word) * kKeyMul.
+inline void key_step(std::uint64_t& lane, std::uint64_t w) {
+    const std::uint64_t x = (lane ^ w) * kKeyMul;
+    lane = x ^ (x >> 32);
+}
+
 // `blocks` blocks of 16 dense values (8 little-endian 64-bit words, word q going to lane q)
-// stepped into the key's 8 lanes: lane = x ^ (x >> 32), x = (lane ^ word) * kKeyMul.
+// stepped into the key's 8 lanes.
 inline void key_blocks_portable(std::uint64_t* lane, const float* d, int blocks) {
     for (int b = 0; b < blocks; ++b)
         for (int q = 0; q < 8; ++q) {
             std::uint64_t w;
             std::memcpy(&w, d + 16 * b + 2 * q, sizeof w);
-            const std::uint64_t x = (lane[q] ^ w) * kKeyMul;
-            lane[q] = x ^ (x >> 32);
+            key_step(lane[q], w);
         }
 }
 

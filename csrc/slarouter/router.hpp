@@ -183,17 +183,13 @@ inline std::uint64_t feature_key(const FeatureView& f, int n, bool portable = fa
         }
         return (static_cast<std::uint64_t>(hi) << 32) | lo;
     };
-    auto step = [&lane](int q, std::uint64_t w) {
-        const std::uint64_t x = (lane[q] ^ w) * kernels::kKeyMul;
-        lane[q] = x ^ (x >> 32);
-    };
     int j = 0;
     if (dense) {  // whole blocks of 8 words are 16 contiguous values (little-endian: lo | hi << 32)
         const int blocks = n / (2 * L);
         kernels::key_blocks(lane, f.dense, blocks, portable);
         j = blocks * L;
     }
-    for (; j < words; ++j) step(j % L, word(j));
+    for (; j < words; ++j) kernels::key_step(lane[j % L], word(j));
     std::uint64_t h = static_cast<std::uint64_t>(n);
     for (std::uint64_t x : lane) h = mix64(h ^ x);
     return h | 1ULL;
@@ -770,13 +766,11 @@ private:
             if (k < 0 || k >= K) throw std::invalid_argument("state is corrupt: frontier names no valid model");
         if (!(est_.rho > est_.rho_false) || !(est_.payback > 0.0))
             if (t_ > 0) throw std::invalid_argument("state is corrupt: invalid report rate or horizon");
-        for (std::size_t i = 0; i < pend_.size(); ++i)
-            if (pend_[i] < 0 || pendnc_[i] < 0 || pendnc_[i] > pend_[i])
-                throw std::invalid_argument("state is corrupt: negative pending counts");
         if (rho_n_ < 0 || rho_c_ < 0 || rho_c_ > rho_n_)
             throw std::invalid_argument("state is corrupt: inconsistent audited-unsatisfied counts");
         // The pending counts (per model and delay bucket, all and without a complaint) and the
-        // pending audited-unsatisfied counts must be those of the ring buffer's requests.
+        // pending audited-unsatisfied counts must be those of the ring buffer's requests (whose
+        // models were checked above: the pending ids are among the live ones).
         std::vector<std::int64_t> pend(pend_.size(), 0), pendnc(pendnc_.size(), 0);
         std::vector<std::int64_t> aunc(static_cast<std::size_t>(nb_ring_), 0);
         std::int64_t auc = 0;
@@ -784,10 +778,8 @@ private:
             const std::size_t s = static_cast<std::size_t>(id % cfg_.window);
             const std::uint8_t fl = slot_flags_[s];
             const std::size_t at = static_cast<std::size_t>(slot_model_[s]) * nb_ring_ + bucket_of(id);
-            if (at < pend.size()) {
-                pend[at] += 1;
-                if (!(fl & kComplained)) pendnc[at] += 1;
-            }
+            pend[at] += 1;
+            if (!(fl & kComplained)) pendnc[at] += 1;
             if ((fl & kAudited) && (fl & kAuditUnsat)) {
                 if (fl & kComplained) auc += 1;
                 else aunc[bucket_of(id)] += 1;

@@ -224,22 +224,23 @@ def _route_batch_numba(router: Any, X: np.ndarray, cost: Optional[np.ndarray], o
     return ids, models
 
 
+def _refuse_ids_beyond_int64(ids: Any) -> None:
+    """Integers beyond int64 were never issued: UnknownRequestError naming the first."""
+    for i in ids:
+        if isinstance(i, int) and not isinstance(i, bool) and not -2**63 <= i < 2**63:
+            raise UnknownRequestError(f"unknown request id {i}: this router never issued it")
+
+
 def complain_batch(router: Any, ids: Any) -> np.ndarray:
     if _is_cupy(ids):
         ids = ids.get()
     if isinstance(ids, (list, tuple)):
-        # Python ints beyond int64 were never issued; NumPy would turn the list into floats.
-        for i in ids:
-            if isinstance(i, int) and not isinstance(i, bool) and not -2**63 <= i < 2**63:
-                raise UnknownRequestError(f"unknown request id {i}: this router never issued it")
+        _refuse_ids_beyond_int64(ids)  # (NumPy would turn such a list into floats)
     arr = np.asarray(ids)
     if arr.ndim == 1 and arr.size == 0:
         return np.zeros(0, dtype=bool)
     if arr.ndim == 1 and (arr.dtype == object or arr.dtype == np.uint64):
-        # Integers beyond int64 (NumPy holds them as objects, or as uint64 from 2**63): never issued.
-        for i in arr.tolist():
-            if isinstance(i, int) and not isinstance(i, bool) and not -2**63 <= i < 2**63:
-                raise UnknownRequestError(f"unknown request id {i}: this router never issued it")
+        _refuse_ids_beyond_int64(arr.tolist())  # NumPy holds them as objects, or as uint64 from 2**63
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise TypeError(f"ids must be a 1-D integer array, got dtype {arr.dtype} and shape {arr.shape}")
     return router._core.complain_batch(np.ascontiguousarray(arr, dtype=np.int64))

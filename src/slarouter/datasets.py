@@ -71,10 +71,11 @@ def load_dataset(path: "str | os.PathLike") -> Dataset:
     empty = [b for b in meta["benchmarks"] if b not in present]
     if empty:
         raise ValueError(f"{req_path}: benchmarks {empty} of meta.json have no rows")
+    cost = np.asarray(cost_rows, dtype=np.float64).reshape(len(bench), len(models))
     # Mean costs (per benchmark, per model) are sums first: a sum beyond a double's range would
     # make every reference cost infinite.
     with np.errstate(over="ignore"):
-        total = np.sum(np.asarray(cost_rows, dtype=np.float64), axis=0) if cost_rows else np.zeros(len(models))
+        total = cost.sum(axis=0)
     over = [m for m, t in zip(models, total) if not np.isfinite(t)]
     if over:
         raise ValueError(f"{req_path}: the costs of {over} add up beyond a double's range; "
@@ -86,7 +87,7 @@ def load_dataset(path: "str | os.PathLike") -> Dataset:
         benchmark=benchmark,
         prompts=prompts,
         sat=np.asarray(sat_rows, dtype=np.float32).reshape(len(bench), len(models)),
-        cost=np.asarray(cost_rows, dtype=np.float64).reshape(len(bench), len(models)),
+        cost=cost,
         meta=meta,
     )
 

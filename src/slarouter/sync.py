@@ -263,8 +263,7 @@ class PeerSync:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.sync()
-                self.last_error = None
+                self.sync()  # (clears last_error)
             except Exception as err:  # keep the thread alive; the next interval tries again
                 self.last_error = err
                 _log.error("slarouter: sync of replica %r failed: %s", self.replica, err)
